@@ -1,0 +1,1 @@
+"""Datasets (shapes, digits, image folders, webdataset shards) and the DataModule that wraps them."""

@@ -1,0 +1,63 @@
+"""ImageDataModule: DataLoaders around already-built train/val datasets (Hydra builds them recursively)."""
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val loaders: map-style datasets are shuffled, streaming (iterable) ones shard themselves per rank.
+
+    `resolution`, `root` and `urls` are the config's top-level data knobs; the datasets were built from
+    them, and they are kept here only so that callers can read them (e.g. `datamodule.resolution`).
+    """
+
+    def __init__(
+        self,
+        train: Dataset,
+        val: Dataset | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_batch_size: int | None = None,
+        pin_memory: bool = True,
+        resolution: int | None = None,
+        root: str | None = None,
+        urls: str | Sequence[str] | None = None,
+    ):
+        super().__init__()
+        if batch_size <= 0 or num_workers < 0:
+            raise ValueError(f"need batch_size > 0 and num_workers >= 0, got {batch_size=}, {num_workers=}")
+        self.train, self.val = train, val
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_batch_size = val_batch_size or batch_size
+        self.pin_memory = pin_memory
+        self.resolution, self.root, self.urls = resolution, root, urls
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls this once the process group exists; streaming datasets take the rank now,
+        # because inside DataLoader workers neither torch.distributed nor RANK is reliably there
+        if self.trainer is None:
+            return
+        for dataset in (self.train, self.val):
+            set_rank = getattr(dataset, "set_rank", None)
+            if set_rank is not None:
+                set_rank(self.trainer.global_rank, self.trainer.world_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train and not isinstance(dataset, IterableDataset),  # Lightning swaps in a DistributedSampler
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val is None else self._loader(self.val, self.val_batch_size, train=False)

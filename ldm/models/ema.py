@@ -1,0 +1,35 @@
+"""Exponential moving average of a network's weights, stored as a submodule so it lives in every checkpoint."""
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
+    """EMA decay with warm-up min(decay, (1 + n) / (10 + n)) (as in TensorFlow's ExponentialMovingAverage)."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+class EMA(nn.Module):
+    """Shadow copy of `net` updated as theta_ema <- d theta_ema + (1 - d) theta after each optimizer step."""
+
+    def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        super().__init__()
+        self.net = copy.deepcopy(net).requires_grad_(False).eval()
+        self.decay = decay
+        self.warmup = warmup
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        d = ema_decay(int(self.num_updates), self.decay, self.warmup)
+        for p_ema, p in zip(self.net.parameters(), net.parameters(), strict=True):
+            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - d)
+        for b_ema, b in zip(self.net.buffers(), net.buffers(), strict=True):
+            b_ema.copy_(b)
+        self.num_updates += 1
+
+    def train(self, mode: bool = True) -> "EMA":
+        super().train(mode)
+        self.net.eval()  # the shadow always evaluates (dropout off)
+        return self

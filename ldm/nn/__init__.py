@@ -1,0 +1,1 @@
+"""Networks only (no training logic): autoencoder, discriminator, LPIPS, UNet, DiT, attention, conditioners."""

@@ -1,0 +1,277 @@
+"""Conditioners: map a batch to backbone conditioning dict(context=[B, L, D] | None, y=[B, D] | None).
+
+Each conditioner also gives `null(batch_size)`, the condition of the unconditional branch used by
+classifier-free guidance (empty caption, null class), and `dims` to wire the backbone's
+context_dim / y_dim.
+"""
+
+import os
+import socket
+from urllib.parse import urlparse
+
+import huggingface_hub.constants
+import open_clip
+import torch
+from einops import rearrange
+from open_clip.factory import load_state_dict
+from open_clip.tokenizer import SimpleTokenizer
+from torch import Tensor, nn
+
+from ldm.nn.attention import TransformerBlock
+from ldm.nn.embeddings import LabelEmbedding
+
+Cond = dict[str, Tensor | None]
+
+
+def cfg_dropout(cond: Cond, null: Cond, p: float = 0.1, generator: torch.Generator | None = None) -> Cond:
+    """Classifier-free guidance training dropout (Ho & Salimans 2022): per sample, with probability p,
+    replace the whole condition (context and y together) by the null condition."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"cfg dropout probability must be in [0, 1], got {p}")
+    present = [v for v in cond.values() if v is not None]
+    if not present:
+        return dict(cond)
+    batch_size, device = present[0].shape[0], present[0].device
+    u = torch.rand(batch_size, generator=generator, device=generator.device if generator is not None else device)
+    drop = u.to(device) < p  # [B]
+    out = {}
+    for key, value in cond.items():
+        if value is None:
+            out[key] = None
+            continue
+        null_value = null.get(key)
+        if null_value is None or null_value.shape != value.shape:
+            got = None if null_value is None else tuple(null_value.shape)
+            raise ValueError(f"null condition for {key!r} must have shape {tuple(value.shape)}, got {got}")
+        keep_shape = (batch_size,) + (1,) * (value.ndim - 1)
+        out[key] = torch.where(drop.view(keep_shape), null_value.to(value.dtype), value)
+    return out
+
+
+class Conditioner(nn.Module):
+    """Base class: encode(batch) and null(batch_size) -> dict(context, y); forward adds CFG dropout."""
+
+    context_dim: int | None = None
+    y_dim: int | None = None
+
+    @property
+    def dims(self) -> dict[str, int | None]:
+        """Backbone wiring: dict(context_dim=..., y_dim=...), None where this conditioner gives nothing."""
+        return {"context_dim": self.context_dim, "y_dim": self.y_dim}
+
+    def encode(self, batch: dict) -> Cond:
+        raise NotImplementedError
+
+    def null(self, batch_size: int) -> Cond:
+        raise NotImplementedError
+
+    def forward(self, batch: dict, p_uncond: float = 0.0, generator: torch.Generator | None = None) -> Cond:
+        """Encode the batch; during training pass p_uncond > 0 for classifier-free guidance dropout."""
+        cond = self.encode(batch)
+        if p_uncond == 0.0:
+            return cond
+        batch_size = next((v.shape[0] for v in cond.values() if v is not None), None)
+        return cond if batch_size is None else cfg_dropout(cond, self.null(batch_size), p_uncond, generator)
+
+
+def _captions(batch: dict) -> list[str]:
+    captions = batch.get("caption")
+    if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"text conditioning needs batch['caption'] as a list of str, got {type(captions).__name__}")
+    return list(captions)
+
+
+class Unconditional(Conditioner):
+    """No conditioning: context and y are None."""
+
+    def encode(self, batch: dict) -> Cond:
+        return {"context": None, "y": None}
+
+    def null(self, batch_size: int) -> Cond:
+        return {"context": None, "y": None}
+
+
+class ClassConditioner(Conditioner):
+    """Learned class embedding y [B, dim] with an extra null class (DiT); optionally also as one context token."""
+
+    def __init__(self, num_classes: int, dim: int, as_context: bool = False):
+        super().__init__()
+        self.embedding = LabelEmbedding(num_classes, dim)
+        self.as_context = as_context
+        self.y_dim = dim
+        self.context_dim = dim if as_context else None
+
+    def _embed(self, labels: Tensor) -> Cond:
+        y = self.embedding(labels)  # [B, dim]
+        return {"context": rearrange(y, "b d -> b 1 d") if self.as_context else None, "y": y}
+
+    def encode(self, batch: dict) -> Cond:
+        labels = torch.as_tensor(batch["label"])
+        num_classes = self.embedding.num_classes
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"batch['label'] must lie in [0, {num_classes}) for class conditioning, got range "
+                f"[{labels.min().item()}, {labels.max().item()}] (-1 means the dataset has no labels)"
+            )
+        return self._embed(labels)
+
+    def null(self, batch_size: int) -> Cond:
+        device = self.embedding.table.weight.device
+        return self._embed(torch.full((batch_size,), self.embedding.null_index, dtype=torch.long, device=device))
+
+
+class TextTransformerConditioner(Conditioner):
+    """Text encoder trained jointly with the diffusion model (LDM text-to-image, Rombach et al. 2022, Sec. 4.3):
+    CLIP BPE tokens -> causal transformer -> tokens [B, context_length, width]; y = EOT token if pooled."""
+
+    def __init__(
+        self,
+        width: int = 512,
+        layers: int = 4,
+        heads: int = 8,
+        context_length: int = 77,
+        pooled: bool = False,
+    ):
+        super().__init__()
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self.token_embedding = nn.Embedding(len(self.tokenizer.encoder), width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width)
+        # Causal (CLIP-style): padding never changes caption tokens, and the EOT token has seen the whole caption.
+        mask = torch.ones(context_length, context_length, dtype=torch.bool).tril()
+        self.register_buffer("causal_mask", mask, persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.pooled = pooled
+        self.context_dim = width
+        self.y_dim = width if pooled else None
+
+    def _encode_captions(self, captions: list[str]) -> Cond:
+        tokens = self.tokenizer(captions).to(self.token_embedding.weight.device)  # [B, L]
+        x = self.token_embedding(tokens) + self.positional_embedding
+        for block in self.blocks:
+            x = block(x, mask=self.causal_mask)
+        x = self.ln_final(x)  # [B, L, width]
+        # The end-of-text token has the largest id, so argmax finds it in every row.
+        y = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] if self.pooled else None
+        return {"context": x, "y": y}
+
+    def encode(self, batch: dict) -> Cond:
+        return self._encode_captions(_captions(batch))
+
+    def null(self, batch_size: int) -> Cond:
+        return self._encode_captions([""] * batch_size)
+
+
+def _reachable(host: str, timeout_s: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_open_clip_weights(model_name: str, pretrained: str) -> str:
+    """Local path of open_clip weights given a file or a hub tag (downloaded, or from the cache); fails fast offline."""
+    if os.path.isfile(pretrained):
+        return pretrained
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        raise ValueError(
+            f"model.conditioner.pretrained={pretrained!r} is neither an existing file nor an open_clip tag of "
+            f"{model_name} (tags: {open_clip.list_pretrained_tags_by_model(model_name)})"
+        )
+    hint = (
+        f"set model.conditioner.pretrained to a local weights file (e.g. open_clip_pytorch_model.bin for "
+        f"{model_name}/{pretrained}, copied from a machine with internet)"
+    )
+    from_hf = bool(cfg.get("hf_hub"))
+    # With HF_HUB_OFFLINE the hub reads only its local cache, which fails at once when the file is absent.
+    if not (from_hf and huggingface_hub.constants.HF_HUB_OFFLINE):
+        host = urlparse(huggingface_hub.constants.ENDPOINT if from_hf else cfg["url"]).hostname
+        if not _reachable(host):
+            raise RuntimeError(
+                f"cannot download open_clip weights {model_name}/{pretrained}: {host} is unreachable (offline?). {hint}"
+            )
+    try:
+        return open_clip.download_pretrained(cfg)
+    except Exception as e:
+        raise RuntimeError(f"could not fetch open_clip weights {model_name}/{pretrained}: {e}. {hint}") from e
+
+
+class OpenCLIPTextConditioner(Conditioner):
+    """Frozen open_clip text tower; context = layer-normed tokens of the penultimate layer (Stable Diffusion 2).
+
+    pretrained: an open_clip tag (downloaded on first use), a local weights file (a full CLIP checkpoint or
+    a text-only state dict), or None for random weights (tests). y = projected pooled embedding if pooled.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-H-14",
+        pretrained: str | None = "laion2b_s32b_b79k",
+        layer: str = "penultimate",
+        pooled: bool = False,
+    ):
+        super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        weights = resolve_open_clip_weights(model_name, pretrained) if pretrained is not None else None
+        model = open_clip.create_model(model_name, pretrained=None)
+        del model.visual  # only the text tower is used; dropping the image tower saves most of the memory
+        tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower in .text, CLIP inline
+        if not hasattr(tower, "token_embedding") or getattr(tower, "cls_emb", None) is not None:
+            raise ValueError(f"{model_name}: only open_clip's causal text transformer towers are supported")
+        if not tower.transformer.batch_first:
+            raise ValueError(f"{model_name}: open_clip text transformer must be batch-first")
+        if weights is not None:
+            self._load_text_weights(model, weights, model_name)
+        model.requires_grad_(False)
+        self.model = model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.layer = layer
+        self.pooled = pooled
+        self.context_dim = tower.transformer.width
+        self.y_dim = self._pool(self.tokenizer([""])).shape[-1] if pooled else None
+
+    @staticmethod
+    def _load_text_weights(model: nn.Module, path: str, model_name: str) -> None:
+        state = {k: v for k, v in load_state_dict(path).items() if not k.startswith("visual.")}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped keys
+            raise ValueError(
+                f"weights in {path} (model.conditioner.pretrained) do not fit the open_clip {model_name} text "
+                f"tower (model.conditioner.model_name): {e}"
+            ) from e
+
+    def train(self, mode: bool = True) -> "OpenCLIPTextConditioner":
+        super().train(mode)
+        self.model.eval()  # frozen: no dropout, whatever the surrounding module's mode
+        return self
+
+    @torch.no_grad()
+    def _pool(self, tokens: Tensor) -> Tensor:
+        return self.model.encode_text(tokens.to(self._device()))
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def _encode_captions(self, captions: list[str]) -> Cond:
+        tower = getattr(self.model, "text", self.model)
+        tokens = self.tokenizer(captions).to(self._device())  # [B, L]
+        x = tower.token_embedding(tokens) + tower.positional_embedding
+        blocks = tower.transformer.resblocks
+        stop = len(blocks) - 1 if self.layer == "penultimate" else len(blocks)
+        for block in blocks[:stop]:
+            x = block(x, attn_mask=tower.attn_mask)
+        context = tower.ln_final(x)  # [B, L, width]
+        return {"context": context, "y": self._pool(tokens) if self.pooled else None}
+
+    def encode(self, batch: dict) -> Cond:
+        return self._encode_captions(_captions(batch))
+
+    def null(self, batch_size: int) -> Cond:
+        return self._encode_captions([""] * batch_size)

@@ -1,0 +1,188 @@
+"""UNet of the LDM / Stable Diffusion family (Rombach et al. 2022; Ho et al. 2020; Dhariwal & Nichol 2021)."""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.nn.attention import SpatialTransformer
+from ldm.nn.embeddings import MLPEmbedder, TimestepEmbedder, check_conditioning
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so its residual branch starts switched off."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels)
+
+
+class ResBlock(nn.Module):
+    """ResNet block whose features are shifted by the (noise level + y) embedding (DDPM / ADM)."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        )
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x [B, C_in, H, W], emb [B, emb_dim] -> [B, C_out, H, W]."""
+        h = self.in_layers(x)
+        h = h + rearrange(self.emb_proj(emb), "b c -> b c 1 1")
+        return self.skip(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution halving the resolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class EmbedSequential(nn.Sequential):
+    """Runs its layers in order, giving the embedding to ResBlocks and the context to SpatialTransformers."""
+
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context)
+            else:
+                h = layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """Diffusion UNet with ResNet blocks and cross-attention SpatialTransformers (LDM / Stable Diffusion).
+
+    net(x_in [B, C, H, W], c_noise [B], context [B, L, context_dim] | None, y [B, y_dim] | None) -> [B, C_out, H, W].
+    attention_resolutions are downsampling factors (1 = full resolution) at which a SpatialTransformer
+    follows each ResBlock. Set exactly one of num_heads (fixed head count, SD1) or head_dim (fixed channels
+    per head, SD2). All channel counts must be multiples of 32 (GroupNorm with 32 groups).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        model_channels: int = 320,
+        channel_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (4, 2, 1),
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        transformer_depth: int = 1,
+        context_dim: int | None = None,
+        y_dim: int | None = None,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if (num_heads is None) == (head_dim is None):
+            raise ValueError(f"set exactly one of num_heads and head_dim, got {num_heads=} and {head_dim=}")
+        self.context_dim, self.y_dim = context_dim, y_dim
+        self.gradient_checkpointing = gradient_checkpointing
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        out_channels = in_channels if out_channels is None else out_channels
+        attention_resolutions = set(attention_resolutions)
+        emb_dim = 4 * model_channels
+
+        def attention(channels: int) -> SpatialTransformer:
+            heads = num_heads if num_heads is not None else channels // head_dim
+            return SpatialTransformer(channels, heads, transformer_depth, context_dim, dropout)
+
+        self.time_embed = TimestepEmbedder(emb_dim, freq_dim=model_channels)
+        self.y_embed = MLPEmbedder(y_dim, emb_dim) if y_dim is not None else None
+
+        # Encoder: each entry's output is kept as a skip connection for the decoder.
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_channels = [model_channels]
+        ch, factor = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, mult * model_channels, emb_dim, dropout)]
+                ch = mult * model_channels
+                if factor in attention_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                factor *= 2
+
+        self.middle_block = EmbedSequential(
+            ResBlock(ch, ch, emb_dim, dropout), attention(ch), ResBlock(ch, ch, emb_dim, dropout)
+        )
+
+        # Decoder: one more ResBlock per level than the encoder, each eating one skip connection.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), mult * model_channels, emb_dim, dropout)]
+                ch = mult * model_channels
+                if factor in attention_resolutions:
+                    layers.append(attention(ch))
+                if level != 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    factor //= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        # Zero-init output: an untrained network predicts 0, a neutral start for every preconditioning.
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    def _run(self, block: EmbedSequential, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        check_conditioning(context, y, self.context_dim, self.y_dim, x.shape[0])
+        if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
+            raise ValueError(
+                f"UNet input height and width must be multiples of {self.downsample_factor}, got {tuple(x.shape[-2:])}"
+            )
+        emb = self.time_embed(c_noise)  # [B, emb_dim]
+        if self.y_embed is not None:
+            emb = emb + self.y_embed(y)
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

@@ -1,0 +1,82 @@
+"""task=cache_latents: encode the data's splits with this run's frozen autoencoder into verified latent shards."""
+import os
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.data.latent_cache import CacheResult, cache_latents, rank_and_world_size, read_json
+from ldm.models.first_stage import first_stage_hash, load_first_stage_with_config
+from ldm.utils.errors import ConfigError
+from ldm.utils.rundir import resolve_checkpoint
+
+
+def _device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    # one GPU per rank under torchrun/srun (LOCAL_RANK), else the CPU
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _check_deterministic(dataset, split: str) -> None:
+    """A random crop or flip would be baked into the cache once; the cache stores both orientations instead."""
+    if getattr(dataset, "flip", False) is True or getattr(dataset, "crop", "center") == "random":
+        raise ConfigError(
+            f"data.{split} applies a random crop or flip, which caching would freeze into one draw: set "
+            f"data.{split}.crop=center data.{split}.flip=false (task.flip=true stores the mirrored posterior too)"
+        )
+
+
+def _report(split: str, out_dir: Path, result: CacheResult) -> None:
+    print(
+        f"[{split}] encoded {result.encoded} images ({result.images_per_s:.1f} images/s), skipped {result.skipped}; "
+        f"shards: {result.shards_written} written, {result.shards_found_complete} already complete, "
+        f"{result.shards_left_to_others} being written by other processes"
+    )
+    if result.manifest is None:
+        print(f"[{split}] {out_dir}: not complete yet; the last process to finish writes manifest.json (re-run to resume)")
+        return
+    manifest = read_json(result.manifest)
+    skipped = manifest["skipped"]
+    print(f"[{split}] {result.manifest}: {manifest['num_samples']} latents {manifest['latent_shape']}, skipped "
+          f"{skipped['total']} {skipped['reasons'] or ''}")
+
+
+def run(cfg: DictConfig) -> dict[str, CacheResult]:
+    task = cfg.task
+    checkpoints = resolve_checkpoint(cfg.paths.run_dir, str(task.ckpt))
+    if len(checkpoints) != 1:
+        raise ConfigError(f"task.ckpt must name one checkpoint (last or a path), got {task.ckpt!r}")
+    first_stage, model_config = load_first_stage_with_config(checkpoints[0])
+    identity = first_stage_hash(first_stage)
+    print(f"first stage {checkpoints[0]} (sha256 {identity[:16]}...)")
+    datamodule = instantiate(cfg.data)
+    rank, world_size = rank_and_world_size()
+    results = {}
+    for split in task.splits:
+        dataset = getattr(datamodule, split, None)
+        if dataset is None:
+            print(f"[{split}] the data config has no {split} dataset: nothing to cache")
+            continue
+        _check_deterministic(dataset, split)
+        out_dir = Path(task.out_dir) / split
+        results[split] = cache_latents(
+            first_stage,
+            dataset,
+            out_dir,
+            first_stage_hash=identity,
+            first_stage_config=model_config,
+            source=OmegaConf.to_container(cfg.data[split], resolve=True) if cfg.data.get(split) else None,
+            samples_per_shard=task.samples_per_shard,
+            batch_size=task.batch_size,
+            num_workers=task.num_workers,
+            flip=task.flip,
+            rank=rank,
+            world_size=world_size,
+            device=_device(task.device),
+            stale_after_s=task.stale_claim_s,
+            progress=task.progress,
+        )
+        _report(split, out_dir, results[split])
+    return results

@@ -1,0 +1,52 @@
+"""task=fit: train the configured model; re-running the same command resumes from `last.ckpt`."""
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.callbacks.store_config import StoreConfig
+from ldm.utils.checkpoint_io import AtomicCheckpointIO
+from ldm.utils.rundir import checkpoint_dir, resume_checkpoint, save_run_config
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
+    """Trainer from `cfg.trainer` with the run's logger, callbacks, atomic checkpoints and stored config."""
+    run_dir = cfg.paths.run_dir
+    checkpoints = ModelCheckpoint(
+        dirpath=checkpoint_dir(run_dir),
+        filename="step-{step:08d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint_every_n_steps,
+        save_top_k=-1,
+        save_last=True,
+        enable_version_counter=False,  # last.ckpt is overwritten (atomically), never last-v1.ckpt
+    )
+    if cfg.checkpoint_monitor:
+        best = ModelCheckpoint(
+            dirpath=checkpoint_dir(run_dir), filename="best", monitor=cfg.checkpoint_monitor,
+            mode=cfg.checkpoint_monitor_mode, save_top_k=1, auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+        checkpoints = [checkpoints, best]
+    else:
+        checkpoints = [checkpoints]
+    callbacks = [*checkpoints, StoreConfig(OmegaConf.to_container(cfg, resolve=True)), *extra_callbacks]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir,
+    )
+
+
+def run(cfg: DictConfig) -> L.Trainer:
+    ckpt_path = resume_checkpoint(cfg.paths.run_dir, cfg.resume)
+    L.seed_everything(cfg.seed, workers=True)
+    save_run_config(cfg, cfg.paths.run_dir)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    trainer = build_trainer(cfg)
+    if ckpt_path is not None:
+        print(f"Resuming from {ckpt_path}")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer

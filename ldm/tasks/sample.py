@@ -1,0 +1,146 @@
+"""task=sample: images, `samples.jsonl` and labelled grids from a checkpoint alone (EMA weights by default)."""
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from rich.progress import track
+
+from ldm.utils.checkpoint import load_module
+from ldm.utils.errors import ConfigError, missing_file
+from ldm.utils.images import save_png, to_uint8
+from ldm.utils.labeled_grid import labeled_grid, save_grid
+from ldm.utils.rundir import resolve_checkpoint
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image: its condition, seed and sampler settings (one line of samples.jsonl)."""
+
+    prompt: str
+    label: int
+    seed: int
+    sampler: str
+    steps: int
+    guidance: float
+
+    def file_name(self, index: int) -> str:
+        return f"{index:05d}-seed{self.seed}-{self.sampler}-{self.steps}-g{self.guidance:g}.png"
+
+
+def read_conditions(cfg: DictConfig) -> tuple[list[str], list[int]]:
+    """Prompts (from `prompts` or `prompts_file`, one per line) or class `labels`; one list is filled."""
+    if cfg.get("prompts_file"):
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise missing_file(str(path), "prompts_file", "prompts file")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        prompts = list(cfg.get("prompts") or [])
+    labels = [int(y) for y in (cfg.get("labels") or [])]
+    if prompts and labels:
+        raise ConfigError("give `prompts`/`prompts_file` or `labels`, not both")
+    if not prompts and not labels:
+        raise ConfigError("nothing to sample: set `prompts=[...]`, `prompts_file=PATH` or `labels=[...]`")
+    return prompts, labels
+
+
+def grid_jobs(t: DictConfig, prompts: list[str], labels: list[int]) -> tuple[list[list[Job]], list[str], list[str]]:
+    """Rows x columns of jobs for the chosen grid, with their labels."""
+    conds = [(p, -1) for p in prompts] or [("", y) for y in labels]
+    names = prompts or [f"class {y}" for y in labels]
+    base = dict(sampler=t.sampler, steps=t.steps, guidance=t.guidance_scale)
+    if t.grid == "prompts_x_seeds":
+        rows = [[Job(p, y, s, **base) for s in t.seeds] for p, y in conds]
+        return rows, names, [f"seed {s}" for s in t.seeds]
+    if t.grid == "prompt_x_guidance":
+        rows = [[Job(p, y, t.seeds[0], t.sampler, t.steps, float(g)) for g in t.grid_guidance] for p, y in conds]
+        return rows, names, [f"guidance {g:g}" for g in t.grid_guidance]
+    if t.grid == "sampler_x_steps":
+        p, y = conds[0]
+        rows = [[Job(p, y, t.seeds[0], s, n, t.guidance_scale) for n in t.grid_steps] for s in t.grid_samplers]
+        return rows, list(t.grid_samplers), [f"{n} steps" for n in t.grid_steps]
+    raise ConfigError(f"unknown task.grid {t.grid!r}: none | prompts_x_seeds | prompt_x_guidance | sampler_x_steps")
+
+
+def render(module, jobs: list[Job], t: DictConfig, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Images [N,3,H,W] for the jobs, batched by identical sampler settings (noise is per seed, so batching
+    never changes an image)."""
+    out: list[torch.Tensor | None] = [None] * len(jobs)
+    key = lambda i: (jobs[i].sampler, jobs[i].steps, jobs[i].guidance)  # noqa: E731
+    order = sorted(range(len(jobs)), key=key)
+    batches = []
+    for _, group in itertools.groupby(order, key=key):
+        group = list(group)
+        batches += [group[i : i + t.batch_size] for i in range(0, len(group), t.batch_size)]
+    for batch in track(batches, description="sampling", disable=not t.progress):
+        first = jobs[batch[0]]
+        cond = module.sample_batch([jobs[i].prompt for i in batch], [jobs[i].label for i in batch])
+        if not any(cond["caption"]):
+            cond["caption"] = [""] * len(batch)
+        images = module.sample(
+            cond, [jobs[i].seed for i in batch], use_ema=t.use_ema, sampler=first.sampler, steps=first.steps,
+            schedule=t.schedule, guidance_scale=first.guidance, guidance_rescale=t.guidance_rescale,
+            init=None if init is None else init.expand(len(batch), -1, -1, -1), strength=t.strength,
+        )
+        for i, image in zip(batch, images.cpu()):
+            out[i] = image
+    return torch.stack(out)
+
+
+def encode_init_image(module, path: str, resolution: int) -> torch.Tensor:
+    """img2img: an image file -> normalised latent [1, C, h, w] (posterior mean)."""
+    if not Path(path).is_file():
+        raise missing_file(path, "task.init_image", "init image")
+    image = Image.open(path).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+    x = torch.from_numpy(__import__("numpy").asarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+    with torch.no_grad():
+        return module.normalize(module.first_stage.encode(x[None].to(module.device)).mean)
+
+
+def run(cfg: DictConfig) -> Path:
+    t = cfg.task
+    [ckpt_path] = resolve_checkpoint(cfg.paths.run_dir, cfg.ckpt)
+    module, train_cfg, ckpt = load_module(ckpt_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module.to(device)
+    prompts, labels = read_conditions(cfg)
+    step = int(ckpt.get("global_step", 0))
+    tag = t.tag or f"step{step:08d}-{t.grid}"
+    out_dir = Path(cfg.paths.run_dir) / "samples" / tag
+    init = None
+    if t.init_image:
+        resolution = module.latent_shape[-1] * module.first_stage.net.downsample_factor
+        init = encode_init_image(module, t.init_image, resolution)
+
+    rows, row_labels, col_labels = (
+        grid_jobs(t, prompts, labels) if t.grid != "none"
+        else ([[Job(p, y, s, t.sampler, t.steps, t.guidance_scale) for s in t.seeds]
+               for p, y in ([(p, -1) for p in prompts] or [("", y) for y in labels])], [], [])
+    )
+    jobs = [job for row in rows for job in row]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    mine = list(range(rank, len(jobs), world))  # several GPUs: rank r renders jobs r, r+W, ...
+    images = render(module, [jobs[i] for i in mine], t, init)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / (f"samples.rank{rank}.jsonl" if world > 1 else "samples.jsonl"), "w") as f:
+        for i, image in zip(mine, images):
+            name = jobs[i].file_name(i)
+            save_png(to_uint8(image).permute(1, 2, 0), out_dir / name)
+            record = dict(file=name, **asdict(jobs[i]), schedule=t.schedule, ckpt=str(ckpt_path), ckpt_step=step,
+                          ema=t.use_ema, strength=t.strength if init is not None else None)
+            f.write(json.dumps(record) + "\n")
+    if t.grid != "none" and world == 1:
+        tiles = images.reshape(len(rows), len(rows[0]), *images.shape[1:])
+        written = save_grid(labeled_grid(tiles, row_labels, col_labels, scale=t.grid_scale), out_dir / "grid.png", t.pdf)
+        settings = dict(OmegaConf.to_container(t, resolve=True), prompts=prompts, labels=labels, ckpt=str(ckpt_path),
+                        ckpt_step=step)
+        (out_dir / "grid.json").write_text(json.dumps(settings, indent=2))
+        print(f"grid: {written[0]}")
+    print(f"{len(mine)} images in {out_dir}")
+    return out_dir

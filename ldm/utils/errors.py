@@ -1,0 +1,10 @@
+"""Errors that the entry point reports as one clear line instead of a traceback."""
+
+
+class ConfigError(ValueError):
+    """A config value (named in the message) is wrong or points at something missing."""
+
+
+def missing_file(path: str, key: str, what: str = "file") -> FileNotFoundError:
+    """A FileNotFoundError that names the config key to set."""
+    return FileNotFoundError(f"{what} not found: {path!r}. Set the config key `{key}` to an existing path.")

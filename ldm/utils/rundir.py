@@ -1,0 +1,59 @@
+"""Run directories: one stable directory per experiment name, resumed by re-running the same command."""
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.utils.errors import ConfigError
+
+LAST = "last.ckpt"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """All `step-XXXXXXXX.ckpt` files of a run, oldest first."""
+    return sorted(checkpoint_dir(run_dir).glob("step-*.ckpt"))
+
+
+def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start; refuse to start over existing checkpoints."""
+    ckdir = checkpoint_dir(run_dir)
+    last = ckdir / LAST
+    existing = sorted(ckdir.glob("*.ckpt")) if ckdir.is_dir() else []
+    if not resume:
+        if existing:
+            raise ConfigError(
+                f"resume=false but {ckdir} already holds {len(existing)} checkpoint(s). Nothing is deleted "
+                f"silently: pick another `name=`, or move/delete {ckdir} yourself, or drop resume=false to continue."
+            )
+        return None
+    if last.is_file():
+        return last
+    if existing:  # last.ckpt missing but step checkpoints exist: continue from the newest of those
+        return max(existing, key=lambda p: p.stat().st_mtime)
+    return None
+
+
+def resolve_checkpoint(run_dir: str | Path, ckpt: str) -> list[Path]:
+    """`ckpt` = last | best | all | a path: the checkpoint file(s) that sampling and evaluation load."""
+    ckdir = checkpoint_dir(run_dir)
+    if ckpt in ("last", "best"):
+        paths = [ckdir / f"{ckpt}.ckpt"]
+    elif ckpt == "all":
+        paths = step_checkpoints(run_dir) or [ckdir / LAST]
+    else:
+        paths = [Path(ckpt)]
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(f"checkpoint not found: {p} (config key `ckpt`; train first or pass ckpt=PATH)")
+    return paths
+
+
+def save_run_config(cfg: DictConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config to `<run_dir>/config.yaml` (overwritten on resume with the new overrides)."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path

@@ -1,0 +1,38 @@
+"""ldm entry point: `python main.py +experiment=NAME [task=fit|cache_latents|sample|evaluate] [overrides]`."""
+import importlib
+import sys
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+
+from ldm.utils.errors import ConfigError
+
+CLEAR_ERRORS = (ConfigError, FileNotFoundError, MissingMandatoryValue, PermissionError)
+
+
+def _clear_cause(error: BaseException) -> BaseException | None:
+    """The first error in the chain that already explains itself (so users see it, not a deep traceback)."""
+    while error is not None:
+        if isinstance(error, CLEAR_ERRORS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    task = importlib.import_module(f"ldm.tasks.{cfg.task.name}")
+    try:
+        task.run(cfg)
+    except (InstantiationException, *CLEAR_ERRORS) as error:
+        cause = _clear_cause(error)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""webdataset shards: every good sample exactly once across workers and ranks; bad ones skipped and counted."""
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ldm.data.datamodule import ImageDataModule
+from ldm.data.webdataset_images import WebImageDataset
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def encode(fmt: str, value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((12, 20, 3), value, np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """img2dataset layout: {key}.txt, {key}.json, then the image (so a truncated image leaves a partial sample)."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def sample(key: str, image_ext: str | None = "jpg", image: bytes | None = None) -> tuple[str, dict]:
+    files = {"txt": f"caption {key}".encode(), "json": json.dumps({"key": key}).encode()}
+    if image_ext is not None:
+        files[image_ext] = image if image is not None else encode({"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[image_ext], 99)
+    return key, files
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[str, set[str]]:
+    """4 shards: 19 good samples; 1 undecodable image, 1 without image, 1 cut off by a truncated shard."""
+    root = tmp_path_factory.mktemp("shards")
+    good = set()
+    write_shard(root / "shard-000.tar", [sample(f"000{i:03d}") for i in range(6)])
+    good |= {f"000{i:03d}" for i in range(6)}
+    write_shard(root / "shard-001.tar", [sample(f"001{i:03d}", "png") for i in range(5)] + [sample("001005", image=b"garbage")])
+    good |= {f"001{i:03d}" for i in range(5)}
+    json_caption = ("002005", {"json": json.dumps({"caption": "from json"}).encode(), "webp": encode("WEBP", 7)})
+    labelled = ("002004", {"cls": b"3", "txt": b"caption 002004", "jpg": encode("JPEG", 1)})
+    write_shard(root / "shard-002.tar", [sample(f"002{i:03d}", "webp") for i in range(3)] + [sample("002003", None), labelled, json_caption])
+    good |= {"002000", "002001", "002002", "002004", "002005"}
+    write_shard(root / "shard-003.tar", [sample(f"003{i:03d}") for i in range(6)])
+    data = (root / "shard-003.tar").read_bytes()
+    cut = data.index(b"003003.jpg") + 512 + 100  # inside the image data of the 4th sample
+    (root / "shard-003.tar").write_bytes(data[:cut])
+    good |= {"003000", "003001", "003002"}
+    return str(root / "shard-{000..003}.tar"), good
+
+
+def read(dataset, num_workers: int = 2) -> list[dict]:
+    loader = DataLoader(dataset, batch_size=3, num_workers=num_workers)
+    return [
+        {"key": k, "caption": c, "label": int(l), "shape": tuple(im.shape)}
+        for batch in loader
+        for k, c, l, im in zip(batch["key"], batch["caption"], batch["label"], batch["image"])
+    ]
+
+
+def test_finite_pass_reads_each_good_sample_once_and_counts_bad_ones(shards):
+    urls, good = shards
+    ds = WebImageDataset(urls, resolution=8)
+    items = read(ds, num_workers=2)
+    counts = Counter(item["key"] for item in items)
+    assert set(counts) == good and set(counts.values()) == {1}
+    assert ds.num_skipped == 3  # undecodable image, missing image, partial sample of the truncated shard
+    assert ds.read_errors.count >= 1  # the truncated shard itself
+    by_key = {item["key"]: item for item in items}
+    assert by_key["000001"]["caption"] == "caption 000001" and by_key["002005"]["caption"] == "from json"
+    assert by_key["002004"]["label"] == 3 and by_key["000001"]["label"] == -1
+    assert by_key["001002"]["shape"] == (3, 8, 8)
+    # a second pass (same workers or not) reads the same samples again
+    assert Counter(item["key"] for item in read(ds, num_workers=0)) == counts
+
+
+def test_two_ranks_split_disjoint_and_complete(shards):
+    urls, good = shards
+    per_rank = [[item["key"] for item in read(WebImageDataset(urls, resolution=8, rank=r, world_size=2))] for r in (0, 1)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(good)
+
+
+def test_datamodule_pins_the_trainer_rank_before_workers_start(shards):
+    urls, good = shards
+    dm = ImageDataModule(WebImageDataset(urls, resolution=8), batch_size=2, num_workers=0)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    dm.setup("fit")
+    assert (dm.train.rank, dm.train.world_size) == (1, 2)
+    keys = {k for batch in dm.train_dataloader() for k in batch["key"]}
+    assert keys == {k for k in good if k[:3] in ("001", "003")}  # shards 1 and 3 belong to rank 1
+
+
+def test_resampled_epochs_have_fixed_length_and_are_reproducible(shards):
+    urls, good = shards
+    ds = WebImageDataset(urls, resolution=8, resampled=True, epoch_samples=10, shuffle_buffer=4)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    first, second = [item["key"] for item in loader], [item["key"] for item in loader]
+    assert len(first) == len(second) == 10 and set(first + second) <= good
+
+    def stream(seed: int) -> list[str]:
+        torch.manual_seed(seed)
+        return [item["key"] for item in WebImageDataset(urls, resolution=8, resampled=True, epoch_samples=12, shuffle_buffer=4)]
+
+    assert stream(0) == stream(0) and stream(0) != stream(1)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data\.urls"):
+        WebImageDataset(str(tmp_path / "missing-{0..3}.tar"))
+    write_shard(tmp_path / "a.tar", [sample("a")])
+    with pytest.raises(ValueError, match="epoch_samples"):
+        WebImageDataset(str(tmp_path / "a.tar"), resampled=True)
+    with pytest.raises(ValueError, match="rank"):
+        WebImageDataset(str(tmp_path / "a.tar"), rank=2, world_size=2)
+
+
+def test_config_requires_urls_and_builds(shards):
+    urls, _ = shards
+    cfg = OmegaConf.create({"data": OmegaConf.load(CONFIGS / "data" / "webdataset.yaml")})
+    assert OmegaConf.is_missing(cfg.data, "urls")
+    cfg.data.urls, cfg.data.resolution = urls, 8
+    dm = instantiate(cfg.data)
+    assert isinstance(dm.train, WebImageDataset) and dm.train.resampled and len(dm.train.shards) == 4
