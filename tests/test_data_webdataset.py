@@ -129,6 +129,9 @@ def test_clear_errors(tmp_path):
         WebImageDataset(str(tmp_path / "a.tar"), resampled=True)
     with pytest.raises(ValueError, match="rank"):
         WebImageDataset(str(tmp_path / "a.tar"), rank=2, world_size=2)
+    (tmp_path / "b.tar").write_bytes(b"not a tar file" * 100)
+    with pytest.raises(RuntimeError, match="no usable sample"):  # an error, not an endless loop
+        next(iter(WebImageDataset(str(tmp_path / "b.tar"), resampled=True, epoch_samples=10)))
 
 
 def test_config_requires_urls_and_builds(shards):

@@ -1,11 +1,13 @@
 """Latent cache: writer (shards, manifest, resume, parallel writers, corrupt inputs) and reader (scaling, flips,
 hash check, verification, distributed and resumable sampling)."""
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -14,6 +16,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from ldm.data.latent_cache import ShardPlan, cache_latents, read_json
@@ -21,6 +26,7 @@ from ldm.data.latents import LatentDataModule, LatentDataset, LatentSampler, Res
 from ldm.data.shapes import ShapesDataset
 from ldm.eval.reconstruction import psnr
 from ldm.models.first_stage import first_stage_hash, load_first_stage, load_first_stage_with_config
+from ldm.tasks import cache_latents as task
 from ldm.utils.errors import ConfigError
 from ldm.utils.safe_config import safe_instantiate
 
@@ -28,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 16
 
 
-def model_config(seed_width: int = 8) -> dict:
-    net = {"_target_": "ldm.nn.autoencoder.AutoencoderKL", "ch": seed_width, "ch_mult": [1, 2], "num_res_blocks": 1,
+def model_config(width: int = 8) -> dict:
+    net = {"_target_": "ldm.nn.autoencoder.AutoencoderKL", "ch": width, "ch_mult": [1, 2], "num_res_blocks": 1,
            "z_channels": 4, "embed_dim": 4}
     return {"_target_": "ldm.models.autoencoder.AutoencoderModule", "net": net, "ema_decay": 0.999}
 
@@ -58,8 +64,8 @@ def first_stage(ae_ckpt):
 
 
 def write_cache(first_stage, dataset, out_dir, **options):
-    options = {"first_stage_hash": first_stage_hash(first_stage), "first_stage_config": model_config(), "samples_per_shard": 8, "batch_size": 8, "flip": True,
-               "progress": False, **options}
+    options = {"first_stage_hash": first_stage_hash(first_stage), "first_stage_config": model_config(),
+               "samples_per_shard": 8, "batch_size": 8, "flip": True, "progress": False, **options}
     return cache_latents(first_stage, dataset, out_dir, **options)
 
 
@@ -80,8 +86,6 @@ def cache(tmp_path_factory, ae_ckpt, first_stage, shapes) -> Path:
 
 def tar_samples(out_dir: Path) -> list[str]:
     """Every sample key in every committed shard (duplicates kept)."""
-    import tarfile
-
     keys = []
     for tar_path in sorted(out_dir.glob("shard-*.tar")):
         with tarfile.open(tar_path) as tar:
@@ -102,6 +106,20 @@ def test_first_stage_hash_is_weights_identity(ae_ckpt, first_stage, tmp_path):
     assert first_stage_hash(first_stage.net) != first_stage_hash(first_stage.ema.net)
     with pytest.raises(FileNotFoundError, match="ckpt"):
         load_first_stage(tmp_path / "missing.ckpt")
+
+
+def test_first_stage_loads_without_loss_modules(tmp_path):
+    """A checkpoint trained with a discriminator and LPIPS loads without them (no VGG weights needed to encode)."""
+    disc = {"_target_": "ldm.nn.discriminator.NLayerDiscriminator", "in_channels": 3, "ndf": 8, "n_layers": 1}
+    module = safe_instantiate(OmegaConf.create({**model_config(), "discriminator": disc}))
+    lpips = {"_target_": "ldm.nn.lpips.LPIPS", "vgg_weights_path": str(tmp_path / "absent_vgg16.pth")}
+    cfg = {"model": {**model_config(), "discriminator": disc, "lpips": lpips}}
+    torch.save({"state_dict": module.state_dict(), "ldm_config": cfg}, tmp_path / "gan.ckpt")
+    loaded, config = load_first_stage_with_config(tmp_path / "gan.ckpt")
+    assert loaded.discriminator is None and loaded.lpips is None
+    assert config == loaded.model_config == {**model_config(), "discriminator": None, "lpips": None}
+    assert first_stage_hash(loaded) == first_stage_hash(module)
+    assert isinstance(safe_instantiate(OmegaConf.create(config)), type(loaded))  # the config alone rebuilds it
 
 
 # --- writer ---
@@ -143,7 +161,8 @@ def test_manifest_statistics_match_direct_computation(cache, first_stage, shapes
     z = torch.stack([data[(epoch, i)]["latent"] for epoch in range(6) for i in range(44)])
     torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(4), atol=0.05, rtol=0)
     torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(4), atol=0.05, rtol=0)
-    assert torch.allclose(data.unscale(data[3]["latent"]), LatentDataset(cache, scale=1.0, flip=False)[3]["latent"], atol=1e-5)
+    unscaled = LatentDataset(cache, scale=1.0, flip=False)[3]["latent"]
+    assert torch.allclose(data.unscale(data[3]["latent"]), unscaled, atol=1e-5)
     overall = LatentDataset(cache, scale="global_std", flip=False)
     assert torch.allclose(overall.scale, torch.full((4, 1, 1), 1 / manifest["stats"]["std_all"])) and not overall.shift.any()
 
@@ -196,7 +215,8 @@ class Corrupted(torch.utils.data.Dataset):
 
 
 def test_corrupt_inputs_skipped_and_counted(first_stage, shapes, tmp_path):
-    result = write_cache(first_stage, Corrupted(ShapesDataset(size=20, resolution=RESOLUTION)), tmp_path / "c", num_workers=0)
+    dataset = Corrupted(ShapesDataset(size=20, resolution=RESOLUTION))
+    result = write_cache(first_stage, dataset, tmp_path / "c", num_workers=2)  # skips cross worker processes
     manifest = read_json(result.manifest)
     assert result.skipped == 3 and manifest["num_samples"] == 17
     assert manifest["skipped"]["total"] == 3
@@ -238,45 +258,52 @@ def test_crash_then_rerun_completes_without_duplicates(first_stage, shapes, cach
     assert read_json(out / "manifest.json") == read_json(cache / "manifest.json")  # same shards, same sums
 
 
+# Imports only torch-level modules (no Lightning): a cheap start for the subprocesses below.
 SUBPROCESS_CACHE = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
+    import torch
     from ldm.data.latent_cache import cache_latents
     from ldm.data.shapes import ShapesDataset
-    from ldm.models.first_stage import first_stage_hash, load_first_stage
+    from ldm.nn.autoencoder import AutoencoderKL
 
-    ckpt, out, size, sleep_s, ready_dir, waiting_for = sys.argv[1:7]
+    net_file, out, sleep_s, ready_dir, waiting_for = sys.argv[1:6]
 
     class Slow(ShapesDataset):
         def __getitem__(self, index):
             time.sleep(float(sleep_s))
             return super().__getitem__(index)
 
-    first_stage = load_first_stage(ckpt)
+    saved = torch.load(net_file, weights_only=True)
+    net = AutoencoderKL(**{k: v for k, v in saved["config"]["net"].items() if k != "_target_"})
+    net.load_state_dict(saved["state_dict"])
     ready = Path(ready_dir)
     (ready / str(os.getpid())).touch()
     while len(list(ready.iterdir())) < int(waiting_for):  # start together with the other process
         time.sleep(0.01)
-    result = cache_latents(first_stage, Slow(size=int(size), resolution=%d, num_objects=1, seed=3), out,
-                           first_stage_hash=first_stage_hash(first_stage), samples_per_shard=8, batch_size=8,
-                           flip=True, progress=False)
+    result = cache_latents(net, Slow(size=44, resolution=%d, num_objects=1, seed=3), out, first_stage_hash=saved["hash"],
+                           first_stage_config=saved["config"], samples_per_shard=8, batch_size=8, flip=True, progress=False)
     print(json.dumps({"written": result.shards_written, "manifest": result.manifest is not None}))
 """ % RESOLUTION)
 
 
-def start_cacher(tmp_path, ckpt, out, sleep_s, ready_dir, waiting_for=1):
-    script = tmp_path / "cacher.py"
+def start_cacher(tmp_path, first_stage, out, sleep_s, ready_dir, waiting_for=1):
+    """A separate process caching the 44 shapes into `out` with the EMA net of `first_stage`."""
+    script, net_file = tmp_path / "cacher.py", tmp_path / "net.pt"
     script.write_text(SUBPROCESS_CACHE)
+    if not net_file.exists():
+        state = first_stage.ema.net.state_dict()
+        torch.save({"state_dict": state, "config": model_config(), "hash": first_stage_hash(first_stage)}, net_file)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "1"}
-    args = [sys.executable, str(script), str(ckpt), str(out), "44", str(sleep_s), str(ready_dir), str(waiting_for)]
+    args = [sys.executable, str(script), str(net_file), str(out), str(sleep_s), str(ready_dir), str(waiting_for)]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
-def test_killed_process_resumes_exactly(ae_ckpt, first_stage, shapes, cache, tmp_path):
+def test_killed_process_resumes_exactly(first_stage, shapes, cache, tmp_path):
     out, ready = tmp_path / "train", tmp_path / "ready"
     ready.mkdir()
-    proc = start_cacher(tmp_path, ae_ckpt, out, sleep_s=0.05, ready_dir=ready)
+    proc = start_cacher(tmp_path, first_stage, out, sleep_s=0.05, ready_dir=ready)
     deadline = time.time() + 120
     while not (out / "shard-000000.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -295,10 +322,10 @@ def test_killed_process_resumes_exactly(ae_ckpt, first_stage, shapes, cache, tmp
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_cache(ae_ckpt, tmp_path):
+def test_two_processes_share_one_cache(first_stage, tmp_path):
     out, ready = tmp_path / "train", tmp_path / "ready"
     ready.mkdir()
-    procs = [start_cacher(tmp_path, ae_ckpt, out, sleep_s=0.02, ready_dir=ready, waiting_for=2) for _ in range(2)]
+    procs = [start_cacher(tmp_path, first_stage, out, sleep_s=0.02, ready_dir=ready, waiting_for=2) for _ in range(2)]
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=180)
@@ -361,21 +388,32 @@ def test_ranks_see_disjoint_complete_data(first_stage, tmp_path):
     write_cache(first_stage, Corrupted(ShapesDataset(size=26, resolution=RESOLUTION)), out, flip=False)
     data = LatentDataset(out)
     assert [s["count"] for s in data.manifest["shards"]] == [6, 7, 8, 2] and len(data) == 23
-    for epoch in (0, 1):
-        exact = [LatentSampler(data, rank, 3, seed=4, even=False) for rank in range(3)]
+    for world_size, epoch in ((2, 0), (2, 1), (3, 0)):
+        exact = [LatentSampler(data, rank, world_size, seed=4, even=False) for rank in range(world_size)]
         for s in exact:
             s.set_epoch(epoch)
         seen = [[i for _, i in s] for s in exact]
         assert sorted(sum(seen, [])) == list(range(len(data)))  # disjoint and complete
-        padded = [LatentSampler(data, rank, 3, seed=4, even=True) for rank in range(3)]
+        padded = [LatentSampler(data, rank, world_size, seed=4, even=True) for rank in range(world_size)]
         for s in padded:
             s.set_epoch(epoch)
         seen_padded = [[i for _, i in s] for s in padded]
-        assert {len(s) for s in seen_padded} == {8} and set(sum(seen_padded, [])) == set(range(len(data)))
-        assert len(sum(seen_padded, [])) - len(set(sum(seen_padded, []))) == 1  # only the wrap-around padding repeats
+        assert {len(s) for s in seen_padded} == {math.ceil(23 / world_size)}  # equal steps on every rank
+        assert set(sum(seen_padded, [])) == set(range(len(data)))
+        repeats = len(sum(seen_padded, [])) - len(set(sum(seen_padded, [])))
+        assert repeats == -23 % world_size  # only the wrap-around padding repeats
     a, b = LatentSampler(data, 0, 1, seed=4), LatentSampler(data, 0, 1, seed=4)
     b.set_epoch(1)
     assert list(a) != list(b) and list(a) == list(LatentSampler(data, 0, 1, seed=4))
+
+
+def test_datamodule_rank_without_trainer(cache, monkeypatch):
+    """Outside Lightning the rank comes from torch.distributed or RANK/WORLD_SIZE (torchrun sets both)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dm = LatentDataModule(str(cache), batch_size=4)
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.rank, sampler.num_replicas, len(sampler)) == (1, 2, 22)
 
 
 def batches_of(loader, count):
@@ -436,8 +474,6 @@ class KeyRecorder(L.LightningModule):
 
 
 def fit(datamodule, max_steps, root, ckpt_path=None):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     module = KeyRecorder()
     every = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -461,12 +497,6 @@ def test_lightning_resumes_mid_epoch_exactly(cache, tmp_path):
 
 
 def test_task_caches_train_and_val(ae_ckpt, tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from ldm.tasks import cache_latents as task
-
-    from hydra.errors import ConfigCompositionException
-
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         try:
             cfg = compose("config", overrides=["task=cache_latents", "data=shapes", "name=shapes_ae"])

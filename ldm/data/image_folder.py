@@ -23,7 +23,8 @@ def read_captions_jsonl(path: Path) -> dict[str, str]:
                 record = json.loads(line)
                 captions[Path(record["file"]).as_posix()] = str(record["caption"])
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected {{\"file\": ..., \"caption\": ...}}, got {line.strip()!r}") from err
+                expected = '{"file": ..., "caption": ...}'
+                raise ValueError(f"{path}:{number}: expected {expected}, got {line.strip()!r}") from err
     return captions
 
 
@@ -51,10 +52,12 @@ class ImageFolderDataset(Dataset):
             p.relative_to(self.root) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
         if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {str(self.root)!r} (data.root)")
+            suffixes = ", ".join(IMAGE_SUFFIXES)
+            raise FileNotFoundError(f"no images ({suffixes}) found under {str(self.root)!r}; check data.root")
         jsonl = self.root / CAPTIONS_FILE
         self.jsonl_captions = read_captions_jsonl(jsonl) if jsonl.is_file() else {}
-        self.classes = tuple(sorted({f.parts[0] for f in self.files if len(f.parts) > 1})) if labels_from_subfolders else ()
+        subfolders = {f.parts[0] for f in self.files if len(f.parts) > 1}
+        self.classes = tuple(sorted(subfolders)) if labels_from_subfolders else ()
         if labels_from_subfolders and not self.classes:
             raise ValueError(f"labels_from_subfolders=True but {str(self.root)!r} has no subfolders with images")
         self.resolution, self.crop, self.flip = resolution, crop, flip

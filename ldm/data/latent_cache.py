@@ -66,6 +66,9 @@ class ShardPlan:
         start = shard * self.samples_per_shard
         return range(start, min(start + self.samples_per_shard, self.num_inputs))
 
+    def shard_of(self, index: int) -> int:
+        return index // self.samples_per_shard
+
     def shards_for_rank(self, rank: int, world_size: int) -> range:
         """Rank r of W owns shards r, r + W, r + 2W, ...: disjoint, and balanced to within one shard."""
         if not 0 <= rank < world_size:
@@ -290,6 +293,16 @@ class ShardWriter:
         self.skipped.append({"index": index, "key": key, "reason": reason, "message": message})
         self.seen += 1
 
+    def add_batch(self, batch: dict, moments: dict[str, torch.Tensor] | None) -> None:
+        """A collated batch (see collate_checked): its encoded samples with their moments, and its skipped inputs."""
+        if moments is not None:
+            self.add_stats(moments["mean.npy"], moments["std.npy"])
+            arrays = {ext: m.numpy() for ext, m in moments.items()}
+            for row, (index, meta) in enumerate(zip(batch["indices"], batch["meta"])):
+                self.add(index, meta, {ext: a[row] for ext, a in arrays.items()})
+        for item in batch["skipped"]:
+            self.skip(item["index"], item["key"], item["skip"], item["message"])
+
     @property
     def done(self) -> bool:
         return self.seen == len(self.indices)
@@ -450,7 +463,8 @@ def build_manifest(plan: dict, sidecars: list[dict]) -> dict:
     skipped = [entry for s in sidecars for entry in s["skipped"]]
     num_samples = sum(s["count"] for s in sidecars)
     if num_samples == 0:
-        raise ValueError(f"every one of the {plan['num_inputs']} inputs was skipped: {Counter(e['reason'] for e in skipped)}")
+        reasons = Counter(e["reason"] for e in skipped)
+        raise ValueError(f"every one of the {plan['num_inputs']} inputs was skipped: {dict(reasons)}")
     shapes = {tuple(s["latent_shape"]) for s in sidecars if s["count"]}
     if shapes != {tuple(plan["latent_shape"])}:
         raise ValueError(f"shards disagree on the latent shape: {shapes}, plan says {plan['latent_shape']}")
@@ -577,7 +591,8 @@ def cache_latents(
     claims: dict[int, Claim] = {}
     counts = Counter()
     bar = _progress(progress)
-    bar_task = bar.add_task(f"caching {out_dir.name} (rank {rank}/{world_size})", total=sum(len(layout.indices(s)) for s in my_shards))
+    total = sum(len(layout.indices(s)) for s in my_shards)
+    bar_task = bar.add_task(f"caching {out_dir.name} (rank {rank} of {world_size})", total=total)
 
     def claim(shard: int) -> bool:
         # complete already (verified by sha256), or being written by a live process: skip it
@@ -606,21 +621,15 @@ def cache_latents(
     try:
         with bar:
             for batch in loader:
-                first = (batch["indices"] or [s["index"] for s in batch["skipped"]])[0]
-                shard = first // samples_per_shard
+                shard = layout.shard_of((batch["indices"] or [s["index"] for s in batch["skipped"]])[0])
                 if shard not in writers:
                     writers[shard] = ShardWriter(out_dir, layout, claims[shard], flip)
                 writer = writers[shard]
-                if batch["images"] is not None:
-                    moments = encode_moments(first_stage, batch["images"].to(device, non_blocking=True), flip)
-                    writer.add_stats(moments["mean.npy"], moments["std.npy"])
-                    arrays = {ext: m.numpy() for ext, m in moments.items()}
-                    for row, (index, meta) in enumerate(zip(batch["indices"], batch["meta"])):
-                        writer.add(index, meta, {ext: a[row] for ext, a in arrays.items()})
-                    counts["encoded"] += len(batch["indices"])
-                for item in batch["skipped"]:
-                    writer.skip(item["index"], item["key"], item["skip"], item["message"])
-                    counts["skipped"] += 1
+                images = batch["images"]
+                moments = None if images is None else encode_moments(first_stage, images.to(device, non_blocking=True), flip)
+                writer.add_batch(batch, moments)
+                counts["encoded"] += len(batch["indices"])
+                counts["skipped"] += len(batch["skipped"])
                 claims[shard].heartbeat()
                 bar.advance(bar_task, len(batch["indices"]) + len(batch["skipped"]))
                 if writer.done:

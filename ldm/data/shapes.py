@@ -66,7 +66,8 @@ def sample_attributes(rng: np.random.Generator, num_objects: int = 1) -> list[Sh
     diameters = np.take(SIZE_DIAMETER, sizes) * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER, num_objects))
     for _ in range(MAX_PLACEMENT_TRIES):
         positions = rng.choice(len(POSITIONS), size=num_objects, replace=False)
-        centres = np.take(POSITION_XY, positions, axis=0) + rng.uniform(-POSITION_JITTER, POSITION_JITTER, (num_objects, 2))
+        jitter = rng.uniform(-POSITION_JITTER, POSITION_JITTER, (num_objects, 2))
+        centres = np.take(POSITION_XY, positions, axis=0) + jitter
         objects = [
             ShapeObject(int(c), int(s), int(z), int(p), float(d), float(x), float(y))
             for c, s, z, p, d, (x, y) in zip(colors, shapes, sizes, positions, diameters, centres)

@@ -14,7 +14,7 @@ def _shared_int(value: int):
 
 
 class SkipCounter:
-    """Counts skipped items across worker processes; logs the 1st, 2nd, 4th, 8th, ... so bad data is seen, not spammed."""
+    """Counts skipped items across worker processes; logs the 1st, 2nd, 4th, 8th, ... (seen, not spammed)."""
 
     def __init__(self, what: str):
         self.what = what

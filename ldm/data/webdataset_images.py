@@ -29,6 +29,7 @@ from ldm.data.transforms import CROPS, load_rgb, prepare_image
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_EMPTY_DRAWS = 100  # resampled mode: this many shards in a row without a usable sample is an error, not a hang
 
 
 def expand_shards(urls: str | Sequence[str]) -> list[str]:
@@ -39,7 +40,9 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
     missing = [s for s in local if not Path(s).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards not found, e.g. {missing[0]!r}; check data.urls")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(shards)} shards not found, e.g. {missing[0]!r}; check data.urls"
+        )
     return shards
 
 
@@ -92,7 +95,8 @@ class WebImageDataset(IterableDataset):
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shards = expand_shards(urls)
         self.resolution, self.crop, self.flip = resolution, crop, flip
-        self.resampled, self.epoch_samples, self.shuffle_buffer, self.seed = resampled, epoch_samples, shuffle_buffer, seed
+        self.resampled, self.epoch_samples = resampled, epoch_samples
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size = None, None
         if rank is not None or world_size is not None:
             self.set_rank(rank, world_size)
@@ -101,6 +105,7 @@ class WebImageDataset(IterableDataset):
         self.skipped = SkipCounter("sample")
         self.read_errors = SkipCounter("shard read")
         self._passes = 0
+        self._draws_since_item = 0
 
     def set_rank(self, rank: int, world_size: int) -> None:
         """Fix this process's rank before DataLoader workers start (they copy it with the dataset)."""
@@ -133,6 +138,7 @@ class WebImageDataset(IterableDataset):
         except Exception as err:
             self.skipped.add(f"{sample.get('__url__')}:{key}", err)
             return None
+        self._draws_since_item = 0
         return {"image": image, "caption": caption, "label": label, "key": key}
 
     def __iter__(self) -> Iterator[dict]:
@@ -147,7 +153,7 @@ class WebImageDataset(IterableDataset):
 
         if self.resampled:
             # drawing independently per rank and worker needs no split and never runs dry
-            shards = ({"url": rng.choice(self.shards)} for _ in itertools.count())
+            shards = self._draw_shards(rng)
         else:
             mine = self.shards[rank::world_size][worker::num_workers]
             if not mine:
@@ -166,3 +172,13 @@ class WebImageDataset(IterableDataset):
             per_worker = self.epoch_samples // num_workers + int(worker < self.epoch_samples % num_workers)
             items = itertools.islice(items, per_worker)
         yield from items
+
+    def _draw_shards(self, rng: random.Random) -> Iterator[dict]:
+        """Shards drawn with replacement, forever, unless none of the last MAX_EMPTY_DRAWS gave a sample."""
+        self._draws_since_item = 0
+        while self._draws_since_item < MAX_EMPTY_DRAWS:
+            self._draws_since_item += 1
+            yield {"url": rng.choice(self.shards)}
+        raise RuntimeError(
+            f"{MAX_EMPTY_DRAWS} shards in a row gave no usable sample (see the logged errors); check data.urls"
+        )

@@ -73,8 +73,8 @@ class VPFormulation:
         abar = schedules.alphas_cumprod(betas)
         if zero_terminal_snr:
             # abar_T = 0 puts the last step at sigma = inf, which x = x0 + sigma n cannot hold. A tiny positive abar_T
-            # (2**-24 as diffusers' Euler scheduler, sigma ~ 4096; below abar_{T-1} so the table stays ascending)
-            # leaves c_in x within float32 rounding of pure noise while D, the loss and samplers stay finite.
+            # (at most 2**-24, diffusers' Euler choice, and a quarter of abar_{T-1} so the table stays ascending; sigma_T
+            # ~ 4e3 for scaled_linear) makes c_in x pure noise up to a 2**-12 x0 term, while D and the loss stay finite.
             abar[-1] = min(2.0**-24, abar[-2].item() / 4)
         self.sigmas_table = schedules.sigma_from_alphas_cumprod(abar).float()  # [T], ascending
         self.sigma_min = self.sigmas_table[0].item()

@@ -27,7 +27,7 @@ def _concat_cond(cond: dict, uncond: dict, batch_size: int) -> dict:
 
 
 def rescale_guidance(guided: torch.Tensor, cond_pred: torch.Tensor, rescale: float) -> torch.Tensor:
-    """Guidance rescale (Lin et al. 2024, sec. 3.4, eq. 15-16): match the guided output's per-sample std to the cond one."""
+    """Guidance rescale (Lin et al. 2024, sec. 3.4, eq. 15-16): pull the guided per-sample std back to the cond one."""
     dims = tuple(range(1, guided.ndim))
     rescaled = guided * (cond_pred.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
     return torch.lerp(guided, rescaled, rescale)

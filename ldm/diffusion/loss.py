@@ -15,6 +15,8 @@ def training_noise(x0: Tensor, offset_noise: float, *, generator: torch.Generato
     """float32 n ~ N(0, I) plus offset noise (Guttenberg 2023): a per-sample, per-channel constant of std `offset_noise`."""
     n = standard_normal(tuple(x0.shape), generator=generator, device=x0.device)
     if offset_noise > 0:
+        if x0.ndim < 3:
+            raise ValueError(f"offset noise needs data shaped [B, C, *spatial], got {tuple(x0.shape)}")
         # [B, C, 1, ..., 1]: one value per channel, so the model learns to change an image's mean brightness
         offset = standard_normal((x0.shape[0], x0.shape[1]), generator=generator, device=x0.device)
         n = n + offset_noise * offset.reshape(*offset.shape, *([1] * (x0.ndim - 2)))

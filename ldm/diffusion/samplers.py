@@ -51,8 +51,8 @@ def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
 def ancestral_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
     """Split the step sigma -> sigma_next into a deterministic part to sigma_down and fresh noise sigma_up.
 
-    DDIM (Song et al. 2021, eq. 16) written in sigma space: sigma_up^2 = eta^2 sigma_next^2 (1 - sigma_next^2 / sigma^2),
-    sigma_down^2 + sigma_up^2 = sigma_next^2. eta = 1 is the DDPM posterior variance.
+    DDIM (Song et al. 2021, eq. 16) in sigma space: sigma_up^2 = eta^2 sigma_next^2 (1 - sigma_next^2 / sigma^2)
+    and sigma_down^2 + sigma_up^2 = sigma_next^2. eta = 1 is the DDPM posterior variance.
     """
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
@@ -166,7 +166,7 @@ def sample_euler_ancestral(
     generator: SampleNoise | None = None,
     eta: float = 1.0,
 ) -> torch.Tensor:
-    """Euler ancestral (k-diffusion): an Euler step to sigma_down then noise sigma_up; the same update as DDIM with eta."""
+    """Euler ancestral (k-diffusion): an Euler step to sigma_down, then noise sigma_up; the DDIM update with eta."""
     return sample_ddim(denoiser, x, sigmas, cond=cond, callback=callback, generator=generator, eta=eta)
 
 
@@ -205,7 +205,7 @@ def sample_dpmpp_2m(
     callback: Callback | None = None,
     generator: SampleNoise | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, lambda = -log sigma; 1st order first and last."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) with lambda = -log sigma; 1st order on the first and last step."""
     s = _sigma_list(sigmas)
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
@@ -235,7 +235,7 @@ def sample_dpmpp_2m_sde(
     generator: SampleNoise | None = None,
     eta: float = 1.0,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, "sde-dpmsolver++", midpoint), eta scaling the injected noise; eta = 0 is 2M."""
+    """DPM-Solver++(2M) SDE (Lu et al. 2022; diffusers' "sde-dpmsolver++", midpoint); eta = 0 is the 2M ODE solver."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     s = _sigma_list(sigmas)

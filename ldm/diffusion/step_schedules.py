@@ -4,6 +4,8 @@ Sigma is the noise level of x = x0 + sigma * n for every formulation; a discrete
 sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]) and a flow's time is t = sigma / (1 + sigma).
 """
 
+import math
+
 import torch
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -33,13 +35,13 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     _check_steps(n)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    log_sigmas = torch.linspace(
-        torch.tensor(sigma_max).log().item(), torch.tensor(sigma_min).log().item(), n, dtype=torch.float64
-    )
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)
     return _append_zero(log_sigmas.exp())
 
 
-def discrete_timesteps(num_train_timesteps: int, n: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+def discrete_timesteps(
+    num_train_timesteps: int, n: int, spacing: str = "leading", steps_offset: int = 0
+) -> torch.Tensor:
     """Descending integer timesteps of a discrete model, as diffusers' DDIM/DDPM `timestep_spacing`.
 
     Lin et al. 2024, Table 2: "leading" (DDIM) steps by T // n from 0 and adds steps_offset, "trailing"

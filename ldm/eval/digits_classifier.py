@@ -10,7 +10,7 @@ from ldm.eval.small_cnn import SmallCNN, load_or_train, train_small_cnn
 NUM_CLASSES = 10
 
 
-def train_digits_classifier(net: SmallCNN, *, val_fraction: float, split_seed: int, steps: int = 600) -> SmallCNN:
+def train_digits_classifier(net: SmallCNN, *, val_fraction: float, split_seed: int, steps: int = 200) -> SmallCNN:
     """Train on the train split of the real sklearn digits (32 px) with cross-entropy."""
     data = DigitsDataset(split="train", resolution=32, val_fraction=val_fraction, split_seed=split_seed)
     images = data.images.expand(-1, 3, -1, -1)  # [N, 3, 32, 32], grey in 3 channels as the dataset serves it

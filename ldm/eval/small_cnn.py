@@ -16,28 +16,46 @@ INPUT_SIZE = 32  # inputs are box-filtered down to 32 px, so one network serves 
 
 
 class SmallCNN(nn.Module):
-    """Three stride-2 3x3 convolutions and a linear layer to `feature_dim` features, then a linear classifier."""
+    """Stride-2 3x3 convolutions, a linear layer to `feature_dim`, a linear classifier; features for FID are the
+    spatial means of every convolution's activations and the linear layer's, standardised by real-data statistics."""
 
-    def __init__(self, *, num_outputs: int, widths: tuple[int, ...] = (32, 64, 128), feature_dim: int = 128):
+    def __init__(self, *, num_outputs: int, widths: tuple[int, ...] = (16, 32, 64), feature_dim: int = 128):
         super().__init__()
-        layers, channels = [], 3
+        self.convs = nn.ModuleList()
+        channels = 3
         for width in widths:
-            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.SiLU()]
+            self.convs.append(nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.SiLU()))
             channels = width
         side = INPUT_SIZE // 2 ** len(widths)
-        # flatten, not average-pool: positions are part of what the features must tell apart
-        self.trunk = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * side**2, feature_dim), nn.SiLU())
+        # flatten, not average-pool: positions are part of what the classifier must tell apart
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(channels * side**2, feature_dim), nn.SiLU())
         self.head = nn.Linear(feature_dim, num_outputs)
+        num_features = sum(widths) + feature_dim
+        self.register_buffer("feature_mean", torch.zeros(num_features))
+        self.register_buffer("feature_std", torch.ones(num_features))
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] (H, W multiples of 32) -> features [B, feature_dim]."""
+    def _activations(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % INPUT_SIZE or images.shape[3] % INPUT_SIZE:
             raise ValueError(f"expected images [B, 3, H, W] with H, W multiples of {INPUT_SIZE}, got {tuple(images.shape)}")
-        return self.trunk(F.adaptive_avg_pool2d(images.float(), INPUT_SIZE))
+        x = F.adaptive_avg_pool2d(images.float(), INPUT_SIZE)
+        pooled = []
+        for conv in self.convs:
+            x = conv(x)
+            pooled.append(x.mean((2, 3)))
+        return pooled, self.fc(x)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] (H, W multiples of 32) -> standardised features [B, sum(widths) + feature_dim].
+
+        The pooled convolution activations keep low-level statistics (sharpness, colour) in view, which the
+        classifier's last layer learns to ignore; standardising puts every dimension on the scale of real data.
+        """
+        pooled, hidden = self._activations(images)
+        return (torch.cat([*pooled, hidden], 1) - self.feature_mean) / self.feature_std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> logits [B, num_outputs]."""
-        return self.head(self.features(images))
+        return self.head(self._activations(images)[1])
 
 
 def train_small_cnn(
@@ -51,7 +69,8 @@ def train_small_cnn(
     lr: float = 3e-3,
     seed: int = 0,
 ) -> SmallCNN:
-    """Adam with a cosine learning-rate decay on random minibatches drawn by a seeded generator; returns net in eval."""
+    """Adam with a cosine learning-rate decay on random minibatches drawn by a seeded generator; then records the
+    feature statistics of `images` for standardisation. Returns net in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -63,7 +82,14 @@ def train_small_cnn(
         loss.backward()
         optimizer.step()
         schedule.step()
-    return net.eval().requires_grad_(False)
+    net.eval().requires_grad_(False)
+    with torch.no_grad():  # feature statistics of the real training images, for standardised features
+        net.feature_mean.zero_()
+        net.feature_std.fill_(1)
+        feats = torch.cat([net.features(batch) for batch in images.split(512)])
+        net.feature_mean.copy_(feats.mean(0))
+        net.feature_std.copy_(feats.std(0).clamp(min=1e-6))
+    return net
 
 
 def load_or_train(weights_path: str | Path, build: Callable[[], SmallCNN], train: Callable[[SmallCNN], SmallCNN]) -> SmallCNN:

@@ -7,19 +7,35 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.models.autoencoder import AutoencoderModule
-from ldm.utils.checkpoint import load_module
+from ldm.utils.checkpoint import FIRST_STAGE_CONFIG_KEY, checkpoint_config, read_checkpoint
 from ldm.utils.errors import ConfigError, missing_file
+from ldm.utils.safe_config import safe_instantiate
+
+__all__ = ["FIRST_STAGE_CONFIG_KEY", "first_stage_hash", "load_first_stage", "load_first_stage_with_config"]
+
+LOSS_ONLY = ("lpips", "discriminator")  # training-loss parts: not needed to encode or decode
 
 
 def load_first_stage_with_config(ckpt_path: str | Path) -> tuple[AutoencoderModule, dict[str, Any]]:
-    """The checkpoint's AutoencoderModule (frozen, eval mode) and its model config as a plain dict."""
+    """The checkpoint's AutoencoderModule (frozen, eval mode) and the plain-dict config that rebuilds it.
+
+    The module is rebuilt from the stored config (allow-listed targets) without its LPIPS and discriminator
+    (set to null in the returned config, also kept as `module.model_config` for diffusion checkpoints), so
+    encoding and decoding need neither VGG weights nor their memory.
+    """
     if not Path(ckpt_path).is_file():
         raise missing_file(str(ckpt_path), "ckpt", "autoencoder checkpoint")
-    module, cfg, _ = load_module(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
+    model_config = checkpoint_config(ckpt).model
+    inference_config = OmegaConf.merge(model_config, {part: None for part in LOSS_ONLY if part in model_config})
+    module = safe_instantiate(inference_config)
     if not isinstance(module, AutoencoderModule):
         raise ConfigError(f"{ckpt_path} holds a {type(module).__name__}, not an AutoencoderModule (config key `ckpt`)")
+    state = {k: v for k, v in ckpt["state_dict"].items() if k.split(".", 1)[0] not in LOSS_ONLY}
+    module.load_state_dict(state)
     module.requires_grad_(False).eval()
-    return module, OmegaConf.to_container(cfg.model, resolve=True)
+    module.model_config = OmegaConf.to_container(inference_config, resolve=True)
+    return module, module.model_config
 
 
 def load_first_stage(ckpt_path: str | Path) -> AutoencoderModule:

@@ -43,14 +43,15 @@ def _vgg16_features(vgg_weights_path: str | None) -> nn.Sequential:
     if not path.is_file():
         raise FileNotFoundError(f"lpips_vgg_weights: no VGG16 state_dict at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    features = torchvision.models.vgg16(weights=None).features[: _STAGE_ENDS[-1]]
+    with torch.device("meta"):  # no memory for the unused 120M-parameter classifier; the file fills the trunk
+        features = torchvision.models.vgg16(weights=None).features[: _STAGE_ENDS[-1]]
     prefix = "features."
     trunk = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     expected = set(features.state_dict())
     missing = expected - set(trunk)
     if missing:
         raise ValueError(f"lpips_vgg_weights: {path} is not a torchvision vgg16 state_dict (missing features.{sorted(missing)[0]})")
-    features.load_state_dict({k: trunk[k] for k in expected})
+    features.load_state_dict({k: trunk[k] for k in expected}, assign=True)
     return features
 
 

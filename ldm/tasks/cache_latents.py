@@ -39,8 +39,9 @@ def _report(split: str, out_dir: Path, result: CacheResult) -> None:
         return
     manifest = read_json(result.manifest)
     skipped = manifest["skipped"]
-    print(f"[{split}] {result.manifest}: {manifest['num_samples']} latents {manifest['latent_shape']}, skipped "
-          f"{skipped['total']} {skipped['reasons'] or ''}")
+    reasons = f" {skipped['reasons']}" if skipped["total"] else ""
+    print(f"[{split}] {result.manifest}: {manifest['num_samples']} latents {manifest['latent_shape']}, "
+          f"{skipped['total']} inputs skipped{reasons}")
 
 
 def run(cfg: DictConfig) -> dict[str, CacheResult]:

@@ -1,0 +1,1 @@
+"""Metrics: FID/KID (frechet, inception), CLIP score, shapes attribute accuracy, digits class accuracy, reconstruction."""
