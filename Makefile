@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean-demo
+.PHONY: venv demo test test-fast bench
 
 # Creates the environment if missing. The torch pin matches the wheels cached on the project's CI
 # machines; elsewhere pip falls back to the newest torch that pyproject allows (torch>=2.4).
@@ -17,11 +17,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The whole pipeline on the built-in shapes; every stage resumes or skips when its output is there.
 demo: venv
 	$(BIN)/python main.py +experiment=shapes_autoencoder
+	$(BIN)/python main.py +experiment=shapes_autoencoder task=cache_latents
+	$(BIN)/python main.py +experiment=shapes_txt2img
+	$(BIN)/python main.py +experiment=shapes_txt2img task=sample
+	$(BIN)/python main.py +experiment=shapes_txt2img task=sample task.grid=sampler_x_steps
+	$(BIN)/python main.py +experiment=shapes_txt2img task=evaluate
 
 test: venv
 	$(BIN)/python -m pytest -q tests
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: venv
+	$(BIN)/python benchmarks/bench_latent_cache.py
+	$(BIN)/python benchmarks/bench_train.py

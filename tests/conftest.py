@@ -1,8 +1,14 @@
-"""Shared test helpers: compose the project's Hydra config exactly as main.py does."""
+"""Shared test helpers: compose the project's Hydra config exactly as main.py does; tiny end-to-end runs."""
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -18,3 +24,86 @@ def compose_experiment(name: str, overrides: list[str] = ()):
 @pytest.fixture
 def compose_cfg():
     return compose_experiment
+
+
+# --- tiny end-to-end runs shared by the latent-diffusion, sample and resume tests ---------------------------
+
+QUIET = ["+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# f = 2 KL autoencoder on 16 px shapes: latents [4, 8, 8], as shapes_txt2img expects
+TINY_AE = [
+    "data.resolution=16", "model.net.ch=8", "model.net.ch_mult=[1,2]", "data.train.size=64", "data.val.size=16",
+    "data.batch_size=8", "data.num_workers=0", "trainer.limit_val_batches=1", *QUIET,
+]
+TINY_CACHE = ["task=cache_latents", "data.resolution=16", "model.net.ch=8", "model.net.ch_mult=[1,2]",
+              "data.train.size=64", "data.val.size=16", "task.num_workers=0", "task.progress=false"]
+TINY_TXT2IMG = [
+    "model.backbone.model_channels=32", "model.backbone.channel_mult=[1,2]", "model.backbone.attention_resolutions=[2]",
+    "model.conditioner.width=32", "model.conditioner.layers=1", "model.conditioner.heads=2", "model.warmup_steps=0",
+    "model.lr=1e-3", "data.batch_size=8", "data.num_workers=0", "trainer.limit_val_batches=1", "model.sample_steps=2",
+    "model.sample_prompts=[a red circle]", "model.sample_seeds=[0,1]", *QUIET,
+]
+
+
+def compose_run(name: str, overrides: list[str] = ()):
+    """The config a task receives from `main.py +experiment=NAME *overrides` (no hydra node), for in-process runs."""
+    cfg = compose_experiment(name, overrides)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@contextlib.contextmanager
+def restored_environ():
+    """Undo what an in-process run leaves in os.environ (Lightning's seed_everything sets PL_GLOBAL_SEED)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_main(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python main.py *overrides` in a subprocess (DDP re-launches sys.argv: never run it inside pytest)."""
+    return subprocess.run([sys.executable, "main.py", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@dataclass
+class TinyRuns:
+    """A tiny shapes autoencoder run `ae` with its latent cache, and a txt2img run `ldm` trained on that cache."""
+
+    root: Path
+    ldm_overrides: list[str]  # what main.py needs (besides +experiment=shapes_txt2img) to address the ldm run
+    ldm_steps: int
+    ldm_trainer: object  # the in-process Trainer: its lightning_module is the model that wrote last.ckpt
+
+    @property
+    def ae_ckpt(self) -> Path:
+        return self.root / "experiments" / "ae" / "checkpoints" / "last.ckpt"
+
+    @property
+    def ldm_ckpt(self) -> Path:
+        return self.root / "experiments" / "ldm" / "checkpoints" / "last.ckpt"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "data" / "latents" / "ae"
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> TinyRuns:
+    """The README flow in miniature, in-process: fit autoencoder (4 steps), cache latents, fit txt2img (12 steps)."""
+    from ldm.tasks import cache_latents, fit
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    where = [f"paths.root_dir={root}"]
+    ldm_overrides = [*where, "name=ldm", "first_stage_name=ae", *TINY_TXT2IMG]
+    steps = 12
+    with restored_environ():
+        fit.run(compose_run("shapes_autoencoder", [*where, "name=ae", *TINY_AE, "trainer.max_steps=4",
+                                                   "trainer.val_check_interval=4", "callbacks=none"]))
+        cache_latents.run(compose_run("shapes_autoencoder", [*where, "name=ae", *TINY_CACHE]))
+        trainer = fit.run(compose_run("shapes_txt2img", [*ldm_overrides, f"trainer.max_steps={steps}",
+                                                         "trainer.val_check_interval=6"]))
+    return TinyRuns(root, ldm_overrides, steps, trainer)

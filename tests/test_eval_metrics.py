@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from omegaconf import OmegaConf
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
@@ -22,6 +23,7 @@ from ldm.eval.frechet import feature_stats, fid_kid, frechet_distance, kid, real
 from ldm.eval.reconstruction import psnr, reconstruction_metrics, ssim
 from ldm.eval.shapes_attributes import ATTRIBUTES, attribute_accuracy, measure_attributes
 from ldm.eval.shapes_features import render_scenes, shapes_feature_net, slot_accuracy
+from ldm.eval.small_cnn import SmallCNN
 from ldm.utils.errors import ConfigError
 from ldm.utils.images import to_uint8
 
@@ -64,7 +66,9 @@ def test_feature_stats_and_frechet_distance_match_torch_fidelity_torchmetrics_an
 def test_kid_matches_torch_fidelity_subsets_and_torchmetrics_mmd():
     f1, f2 = random_features(120, 16, seed=2), random_features(150, 16, seed=3, shift=0.2)
     mean, std = kid(f1, f2, subsets=20, subset_size=50, seed=2020)
-    reference = kid_features_to_metric(f1.double(), f2.double(), kid_subsets=20, kid_subset_size=50, rng_seed=2020, verbose=False)
+    reference = kid_features_to_metric(
+        f1.double(), f2.double(), kid_subsets=20, kid_subset_size=50, rng_seed=2020, verbose=False
+    )
     assert mean == pytest.approx(reference["kernel_inception_distance_mean"], rel=1e-9)
     assert std == pytest.approx(reference["kernel_inception_distance_std"], rel=1e-9)
     # one subset holding every sample is the MMD of the full sets, whatever the order
@@ -138,11 +142,23 @@ def test_reference_stats_are_computed_once_and_keyed_by_dataset_config(tmp_path)
         raise AssertionError("batches read although the statistics are cached")
         yield
 
-    cached = inception.reference_stats(extract, never(), cache_dir=tmp_path, dataset_config=dict(config), extractor_name="x")
+    cached = inception.reference_stats(extract, never(), cache_dir=tmp_path, dataset_config=config, extractor_name="x")
     np.testing.assert_array_equal(cached.features, stats.features)
     np.testing.assert_array_equal(cached.sigma, stats.sigma)
-    inception.reference_stats(extract, batches, cache_dir=tmp_path, dataset_config={**config, "resolution": 16}, extractor_name="x")
+    other = {**config, "resolution": 16}
+    inception.reference_stats(extract, batches, cache_dir=tmp_path, dataset_config=other, extractor_name="x")
     assert len(calls) == 6 and len(list(tmp_path.glob("x-*.npz"))) == 2
+    assert inception.config_hash(OmegaConf.create(config), "x") == inception.config_hash(config, "x")
+    assert inception.config_hash(config, "x") != inception.config_hash(config, "y")
+
+
+def test_weights_hash_tells_retrained_extractors_apart():
+    net = SmallCNN(num_outputs=3)
+    before = inception.weights_hash(net)
+    assert inception.weights_hash(net) == before
+    with torch.no_grad():
+        net.head.bias.add_(1e-3)
+    assert inception.weights_hash(net) != before
 
 
 # --- CLIP score ------------------------------------------------------------------------------------------------
@@ -182,7 +198,7 @@ def test_attribute_accuracy_on_real_shapes_is_at_least_99_percent(resolution, nu
     assert min(accuracy.values()) >= 0.99, accuracy
 
 
-def test_measure_attributes_reads_real_scenes_and_flags_missing_objects():
+def test_measure_attributes_reads_real_scenes_and_counts_objects():
     images, attrs = shapes_batch(64, 32, 2, seed=3)
     measured = measure_attributes(images, num_objects=2)
     assert measured["valid"].all() and measured["color"].shape == (64, 2)
@@ -191,13 +207,16 @@ def test_measure_attributes_reads_real_scenes_and_flags_missing_objects():
         return sorted(tuple(int(attributes[name][i, j]) for name in ATTRIBUTES) for j in range(2))
 
     assert all(scene(measured, i) == scene(attrs, i) for i in range(64))
+    single, _ = shapes_batch(200, 32, 1, seed=3)  # one object where two are asked for: never cut in two
+    assert (measure_attributes(single, num_objects=2)["count"] == 1).all()
     blank = measure_attributes(-torch.ones(2, 3, 32, 32), num_objects=1)
     assert not blank["valid"].any() and (blank["color"] == -1).all() and (blank["count"] == 0).all()
 
 
 def test_attribute_accuracy_survives_blur_and_noise_and_catches_wrong_bindings():
     images, attrs = shapes_batch(200, 32, 2, seed=11)
-    noisy = gaussian_blur(images, kernel_size=5, sigma=0.5) + 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    noisy = gaussian_blur(images, kernel_size=5, sigma=0.5) + 0.05 * noise
     assert min(attribute_accuracy(noisy.clamp(-1, 1), attrs).values()) >= 0.97
     swapped = dict(attrs, color=attrs["color"].flip(1))  # right colours, on the wrong objects
     accuracy = attribute_accuracy(images, swapped)

@@ -513,7 +513,7 @@ def test_task_caches_train_and_val(ae_ckpt, tmp_path):
         assert manifest["num_samples"] == count and manifest["source"]["size"] == count
         assert results[split].encoded == count
     assert task.run(cfg)["train"].shards_found_complete == 3
-    cfg.task.ckpt = str(tmp_path / "nope.ckpt")
+    cfg.ckpt = str(tmp_path / "nope.ckpt")
     with pytest.raises(ConfigError, match="ckpt"):
         task.run(cfg)
 

@@ -1,1 +1,1 @@
-"""Metrics: FID/KID (frechet, inception), CLIP score, shapes attribute accuracy, digits class accuracy, reconstruction."""
+"""Metrics: FID/KID, CLIP score, shapes attribute accuracy, digits class accuracy, reconstruction quality."""

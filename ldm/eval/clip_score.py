@@ -36,7 +36,9 @@ class CLIPScore(nn.Module):
     """CLIP score: 100 * max(cos(E_image, E_text), 0) per image-caption pair (Hessel et al. 2021, eq. 1 with w=100,
     the scale torchmetrics reports)."""
 
-    def __init__(self, *, model_name: str = "ViT-B-32", pretrained: str | None = "openai", image_size: int | None = None):
+    def __init__(
+        self, *, model_name: str = "ViT-B-32", pretrained: str | None = "openai", image_size: int | None = None
+    ):
         super().__init__()
         self.model = load_open_clip(model_name, pretrained, image_size)
         self.tokenizer = open_clip.get_tokenizer(model_name)

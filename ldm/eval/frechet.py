@@ -21,7 +21,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982; FID, Heusel et al. 2017)."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(f"mismatched statistics: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
     # d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)); sigma1 sigma2 is not symmetric, but it is
     # similar to s sigma2 s with s = sigma1^(1/2), which is symmetric PSD: same trace of square root, stable eigh.
     s = _sqrt_psd(sigma1)
@@ -100,5 +100,5 @@ def real_floor(
     if 2 * n > len(real_feats):
         raise ValueError(f"real_floor needs 2 * n = {2 * n} real features, got {len(real_feats)}")
     perm = np.random.RandomState(seed).permutation(len(real_feats))
-    real_feats = real_feats[torch.as_tensor(perm) if torch.is_tensor(real_feats) else perm]
-    return fid_kid(real_feats[:n], real_feats[n : 2 * n], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+    half_a, half_b = real_feats[perm[:n]], real_feats[perm[n : 2 * n]]
+    return fid_kid(half_a, half_b, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)

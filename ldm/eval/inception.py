@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
@@ -85,10 +86,25 @@ class ReferenceStats:
     sigma: np.ndarray  # [D, D] float64
 
 
+def _config_json(dataset_config: Mapping) -> str:
+    if isinstance(dataset_config, DictConfig):
+        dataset_config = OmegaConf.to_container(dataset_config, resolve=True)
+    return json.dumps(dataset_config, sort_keys=True, default=str)
+
+
 def config_hash(dataset_config: Mapping, extractor_name: str) -> str:
-    """Stable short hash of a dataset config (JSON, sorted keys) and the feature extractor's name."""
-    text = json.dumps({"dataset": dataset_config, "extractor": extractor_name}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Stable short hash of a dataset config (a dict or DictConfig, as sorted JSON) and the feature extractor's name."""
+    return hashlib.sha256(f"{extractor_name}\n{_config_json(dataset_config)}".encode()).hexdigest()[:16]
+
+
+def weights_hash(module: nn.Module) -> str:
+    """Short hash of a module's parameters and buffers: put it in `extractor_name` for trained extractors, so that
+    retrained weights never reuse statistics cached with the old ones."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def reference_stats(
@@ -113,7 +129,6 @@ def reference_stats(
     mu, sigma = feature_stats(features)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")  # written then renamed: a killed run leaves no half file
-    config_json = json.dumps(dataset_config, sort_keys=True, default=str)
-    np.savez(tmp, features=features, mu=mu, sigma=sigma, dataset_config=np.array(config_json))
+    np.savez(tmp, features=features, mu=mu, sigma=sigma, dataset_config=np.array(_config_json(dataset_config)))
     os.replace(tmp, path)
     return ReferenceStats(features=features, mu=mu, sigma=sigma)

@@ -2,8 +2,10 @@
 
 For each of the five positions the network predicts whether an object is there and, if so, its colour, shape and
 size, so its features must encode the whole composition (which attribute sits with which object). FID in this
-space (Frechet distance of the 128-d features) measures how far generated scenes are from real ones in the terms
-the benchmark cares about, and also catches images no real scene looks like (the features leave the real manifold).
+space (SmallCNN.features: every layer's pooled activations, standardised on real scenes) measures how far generated
+scenes are from real ones in the terms the benchmark cares about, and also catches images no real scene looks like.
+Trained for 400 steps on 2,000 rendered scenes, it reads held-out scenes at 32 and 64 px with presence 100%,
+colour 99%, shape 98-99%, size 100%. It sees blur (FID about x3 for a 2 px blur, n=300) more than faint noise.
 """
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset
+from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, VOCABULARIES, ShapesDataset
 from ldm.eval.small_cnn import SmallCNN, load_or_train, train_small_cnn
 
 SLOT_FIELDS = (("color", len(COLORS)), ("shape", len(SHAPES)), ("size", len(SIZES)))
@@ -44,14 +46,17 @@ def slot_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def render_scenes(num_scenes: int, *, resolution: int = 32, seed: int = TRAIN_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+def render_scenes(
+    num_scenes: int, *, resolution: int = 32, seed: int = TRAIN_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Half one-object, half two-object real scenes: images [N, 3, H, W] and slot targets [N, positions, 4]."""
     images, targets = [], []
     for num_objects in (1, 2):
         data = ShapesDataset(size=num_scenes // 2, resolution=resolution, num_objects=num_objects, seed=seed)
         items = [data[i] for i in range(len(data))]
         images.append(torch.stack([item["image"] for item in items]))
-        targets.append(slot_targets({name: torch.stack([item["attrs"][name] for item in items]) for name in items[0]["attrs"]}))
+        attrs = {name: torch.stack([item["attrs"][name] for item in items]) for name in VOCABULARIES}
+        targets.append(slot_targets(attrs))
     return torch.cat(images), torch.cat(targets)
 
 
@@ -62,8 +67,9 @@ def train_shapes_feature_net(net: SmallCNN, *, num_scenes: int = 2000, steps: in
 
 
 def shapes_feature_net(weights_path: str | Path) -> SmallCNN:
-    """The shapes feature network from weights_path, trained once (~10 s on a CPU) and written there if missing."""
-    return load_or_train(weights_path, lambda: SmallCNN(num_outputs=len(POSITIONS) * SLOT_OUTPUTS), train_shapes_feature_net)
+    """The shapes feature network from weights_path, trained once (seconds on a CPU) and written there if missing."""
+    build = lambda: SmallCNN(num_outputs=len(POSITIONS) * SLOT_OUTPUTS)  # noqa: E731
+    return load_or_train(weights_path, build, train_shapes_feature_net)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
-"""A small CNN classifier for the built-in datasets, whose penultimate layer is the feature space of their FID.
+"""A small CNN classifier for the built-in datasets, whose activations are the feature space of their FID.
 
 Like Inception's pool3 features for natural images, but trained in seconds on the dataset's own real images, so
 the distance reflects what the dataset is about. Training is seeded and cached to a weights file: FIDs are
-comparable when they are computed with the same file, as Inception FIDs are with the same Inception weights.
+comparable when they are computed with the same file, as Inception FIDs are with the same Inception weights
+(retraining on another machine can differ in the last bits, and so in the FID's).
 """
 import os
 from collections.abc import Callable
@@ -36,7 +37,7 @@ class SmallCNN(nn.Module):
 
     def _activations(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % INPUT_SIZE or images.shape[3] % INPUT_SIZE:
-            raise ValueError(f"expected images [B, 3, H, W] with H, W multiples of {INPUT_SIZE}, got {tuple(images.shape)}")
+            raise ValueError(f"expected images [B, 3, H, W], H and W multiples of {INPUT_SIZE}: {tuple(images.shape)}")
         x = F.adaptive_avg_pool2d(images.float(), INPUT_SIZE)
         pooled = []
         for conv in self.convs:
@@ -45,7 +46,7 @@ class SmallCNN(nn.Module):
         return pooled, self.fc(x)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] (H, W multiples of 32) -> standardised features [B, sum(widths) + feature_dim].
+        """Images [B, 3, H, W] in [-1, 1] -> standardised features [B, sum(widths) + feature_dim].
 
         The pooled convolution activations keep low-level statistics (sharpness, colour) in view, which the
         classifier's last layer learns to ignore; standardising puts every dimension on the scale of real data.
@@ -92,7 +93,9 @@ def train_small_cnn(
     return net
 
 
-def load_or_train(weights_path: str | Path, build: Callable[[], SmallCNN], train: Callable[[SmallCNN], SmallCNN]) -> SmallCNN:
+def load_or_train(
+    weights_path: str | Path, build: Callable[[], SmallCNN], train: Callable[[SmallCNN], SmallCNN]
+) -> SmallCNN:
     """The network with weights from weights_path; if the file is missing, train it once and write it there."""
     path = Path(weights_path)
     if path.is_file():

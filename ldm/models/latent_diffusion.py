@@ -104,20 +104,25 @@ class LatentDiffusionModule(L.LightningModule):
         if self.compile and stage == "fit":
             self._train_denoiser = [torch.compile(self.denoiser)]
 
-    def global_batch_size(self) -> int:
-        """Global batch = per-device batch x devices x nodes x accumulation."""
-        per_device = self.trainer.datamodule.batch_size
+    def global_batch_size(self) -> int | None:
+        """Global batch = per-device batch x devices x nodes x accumulation (None: no DataModule `batch_size`)."""
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)  # plain DataLoaders have no DataModule
+        if per_device is None:
+            return None
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self):
-        lr = self.lr * self.global_batch_size() / self.base_batch_size if self.scale_lr else self.lr
+        batch = self.global_batch_size()
+        if self.scale_lr and batch is None:
+            raise ValueError("scale_lr needs the per-device batch size: train with a DataModule that has `batch_size`")
+        lr = self.lr * batch / self.base_batch_size if self.scale_lr else self.lr
         params = [p for p in [*self.denoiser.parameters(), *self.conditioner.parameters()] if p.requires_grad]
         params = list({id(p): p for p in params}.values())  # backbone is reachable twice (denoiser, ema excluded)
         opt = torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then(self.lr_schedule, self.warmup_steps, total))
         self.print(
-            f"world size {self.trainer.world_size}, global batch {self.global_batch_size()}, "
+            f"world size {self.trainer.world_size}, global batch {batch if batch is not None else 'unknown'}, "
             f"lr {lr:.3g}{' (scaled with batch)' if self.scale_lr else ''}"
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

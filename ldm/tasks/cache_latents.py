@@ -46,9 +46,9 @@ def _report(split: str, out_dir: Path, result: CacheResult) -> None:
 
 def run(cfg: DictConfig) -> dict[str, CacheResult]:
     task = cfg.task
-    checkpoints = resolve_checkpoint(cfg.paths.run_dir, str(task.ckpt))
+    checkpoints = resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt))
     if len(checkpoints) != 1:
-        raise ConfigError(f"task.ckpt must name one checkpoint (last or a path), got {task.ckpt!r}")
+        raise ConfigError(f"`ckpt` must name one checkpoint (last, best or a path), got {cfg.ckpt!r}")
     first_stage, model_config = load_first_stage_with_config(checkpoints[0])
     identity = first_stage_hash(first_stage)
     print(f"first stage {checkpoints[0]} (sha256 {identity[:16]}...)")

@@ -1,0 +1,101 @@
+"""Metric suites: what to sample for a dataset, how to score the samples, and the real-vs-real floor.
+
+A suite is configured per experiment (`eval:`) and used by task=evaluate and the eval-during-training callback.
+"""
+from pathlib import Path
+
+import torch
+
+from ldm.data.digits import DigitsDataset
+from ldm.data.shapes import ShapesDataset
+from ldm.eval.digits_classifier import class_accuracy, digits_classifier
+from ldm.eval.frechet import feature_stats, frechet_distance
+from ldm.eval.shapes_attributes import attribute_accuracy
+from ldm.eval.shapes_features import shapes_feature_net
+
+
+def _stack(dataset) -> dict:
+    items = [dataset[i] for i in range(len(dataset))]
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "label": torch.tensor([it["label"] for it in items]),
+        "attrs": {k: torch.stack([it["attrs"][k] for it in items]) for k in items[0].get("attrs", {})},
+    }
+
+
+@torch.no_grad()
+def _fid(net, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
+    """Frechet distance between two image sets in a small network's feature space."""
+    fa = torch.cat([net.features(b) for b in images_a.split(256)])
+    fb = torch.cat([net.features(b) for b in images_b.split(256)])
+    return frechet_distance(*feature_stats(fa), *feature_stats(fb))
+
+
+class ShapesSuite:
+    """Attribute accuracy (direct measurement) against the prompts, plus FID in the shapes feature net's space."""
+
+    name = "shapes"
+
+    def __init__(self, num_samples: int = 500, resolution: int = 32, num_objects: int = 1, seed: int = 7,
+                 feature_weights: str = "data/eval/shapes_features.pt"):
+        self.prompts = ShapesDataset(size=num_samples, resolution=resolution, num_objects=num_objects, seed=seed)
+        # a second, disjoint real set: FID reference for samples and for the real-vs-real floor
+        self.reference = ShapesDataset(size=num_samples, resolution=resolution, num_objects=num_objects, seed=seed + 1)
+        self.feature_weights = feature_weights
+        self._real = self._ref = self._net = None
+
+    def _load(self):
+        if self._net is None:
+            self._real, self._ref = _stack(self.prompts), _stack(self.reference)
+            self._net = shapes_feature_net(Path(self.feature_weights))
+        return self._real, self._ref, self._net
+
+    def conditions(self) -> tuple[list[str] | None, list[int] | None]:
+        return [self.prompts[i]["caption"] for i in range(len(self.prompts))], None
+
+    def score(self, images: torch.Tensor) -> dict[str, float]:
+        real, ref, net = self._load()
+        acc = attribute_accuracy(images, real["attrs"])
+        return {**{f"acc_{k}": v for k, v in acc.items()}, "fid_shapes": _fid(net, images, ref["image"])}
+
+    def floor(self) -> dict[str, float]:
+        """The same metrics for real images of the prompts: what a perfect model would score."""
+        real, _, _ = self._load()
+        return self.score(real["image"])
+
+
+class DigitsSuite:
+    """Class accuracy of class-conditional samples by a classifier trained on real digits, and FID in its features."""
+
+    name = "digits"
+
+    def __init__(self, num_samples: int = 500, resolution: int = 32, seed: int = 7,
+                 classifier_weights: str = "data/eval/digits_classifier.pt", val_fraction: float = 0.1,
+                 split_seed: int = 0):
+        self.labels = torch.arange(num_samples) % 10
+        self.real = DigitsDataset(split="val", resolution=resolution, val_fraction=val_fraction, split_seed=split_seed)
+        self.reference = DigitsDataset(split="train", resolution=resolution, val_fraction=val_fraction,
+                                       split_seed=split_seed)
+        self.classifier_weights, self.val_fraction, self.split_seed = classifier_weights, val_fraction, split_seed
+        self._net = None
+
+    def _classifier(self):
+        if self._net is None:
+            self._net = digits_classifier(self.classifier_weights, val_fraction=self.val_fraction,
+                                          split_seed=self.split_seed)
+        return self._net
+
+    def conditions(self) -> tuple[list[str] | None, list[int] | None]:
+        return None, self.labels.tolist()
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        net = self._classifier()
+        labels = self.labels if labels is None else labels
+        ref = _stack(self.reference)["image"]
+        return {"acc_class": class_accuracy(net, images, labels), "fid_digits": _fid(net, images, ref)}
+
+    def floor(self) -> dict[str, float]:
+        """Held-out real digits (never seen by the classifier) scored like samples."""
+        real = _stack(self.real)
+        return self.score(real["image"], real["label"])

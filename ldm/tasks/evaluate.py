@@ -1,0 +1,111 @@
+"""task=evaluate: sample with fixed seeds from one or every checkpoint, score with the experiment's suite,
+write `eval/metrics.{csv,json}` (one row per checkpoint step) and, for ckpt=all, a plot per metric."""
+import csv
+import json
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from ldm.tasks.sample import Job, render
+from ldm.utils.checkpoint import load_module
+from ldm.utils.checkpoint_io import atomic_torch_save
+from ldm.utils.errors import ConfigError
+from ldm.utils.rundir import resolve_checkpoint
+
+SETTINGS = ("sampler", "steps", "schedule", "guidance_scale", "use_ema")
+
+
+def settings_tag(t: DictConfig, num_samples: int) -> str:
+    return f"{t.sampler}-{t.steps}-{t.schedule}-g{t.guidance_scale:g}-{'ema' if t.use_ema else 'raw'}-n{num_samples}"
+
+
+def samples_for(path: Path, t: DictConfig, suite, out: Path) -> tuple[torch.Tensor, int]:
+    """Generated images for one checkpoint, reused from `out` when this checkpoint was already sampled."""
+    if out.is_file():
+        cached = torch.load(out, weights_only=True)
+        return cached["images"].float() / 127.5 - 1, int(cached["step"])
+    module, _, ckpt = load_module(path)
+    module.to("cuda" if torch.cuda.is_available() else "cpu")
+    prompts, labels = suite.conditions()
+    n = len(prompts) if prompts is not None else len(labels)
+    jobs = [Job(prompts[i] if prompts else "", labels[i] if labels else -1, t.seed_offset + i, t.sampler, t.steps,
+                t.guidance_scale) for i in range(n)]
+    images = render(module, jobs, t)
+    step = int(ckpt.get("global_step", 0))
+    atomic_torch_save({"images": ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), "step": step}, out)
+    return images, step
+
+
+def write_tables(rows: list[dict], eval_dir: Path) -> None:
+    """metrics.json and metrics.csv, one row per (checkpoint step, sampling settings), sorted by step."""
+    rows = sorted(rows, key=lambda r: (r["tag"], r["step"]))
+    (eval_dir / "metrics.json").write_text(json.dumps(rows, indent=2))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(eval_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One panel per metric against training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+        ax.plot([r["step"] for r in rows], [r[name] for r in rows], marker="o")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(rows: list[dict], floor: dict[str, float]) -> None:
+    """Metrics down, checkpoints across; the last column is real images (the floor a model can reach)."""
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    for r in rows:
+        table.add_column(f"step {r['step']}", justify="right")
+    table.add_column("real images", justify="right", style="dim")
+    for name in floor:
+        table.add_row(name, *(f"{r[name]:.4f}" for r in rows), f"{floor[name]:.4f}")
+    Console(width=200).print(table)
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    t = cfg.task
+    if OmegaConf.select(cfg, "eval") is None:
+        raise ConfigError("this experiment has no `eval` suite (e.g. eval._target_=ldm.eval.suites.ShapesSuite)")
+    suite = instantiate(cfg.eval)
+    eval_dir = Path(cfg.paths.run_dir) / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    prompts, labels = suite.conditions()
+    tag = settings_tag(t, len(prompts or labels))
+
+    floor_path = eval_dir / f"floor-{suite.name}.json"
+    floor = json.loads(floor_path.read_text()) if floor_path.is_file() else suite.floor()
+    floor_path.write_text(json.dumps(floor, indent=2))
+
+    old = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else []
+    rows = []
+    for path in resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt)):
+        # a checkpoint file is identified by name + size + mtime: last.ckpt is overwritten as training goes on
+        stat = path.stat()
+        out = eval_dir / "samples" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{tag}.pt"
+        images, step = samples_for(path, t, suite, out)
+        rows.append(dict(step=step, ckpt=str(path), tag=tag, suite=suite.name, **suite.score(images)))
+    new_keys = {(r["step"], r["tag"]) for r in rows}
+    write_tables([r for r in old if (r["step"], r["tag"]) not in new_keys] + rows, eval_dir)
+    if cfg.ckpt == "all" and len(rows) > 1:
+        plot(rows, eval_dir / f"metrics-{tag}.png")
+    print_table(rows, floor)
+    return rows

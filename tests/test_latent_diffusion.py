@@ -1,0 +1,270 @@
+"""LatentDiffusionModule: training lowers the loss for every formulation, checkpoints rebuild the same sampler,
+EMA, latent scaling from the cache, CFG dropout, the NaN guard, DiT and class conditioning, DDP on CPU."""
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader, Dataset
+
+from conftest import QUIET, ROOT, TINY_TXT2IMG, compose_run, run_main
+from ldm.data.latents import LatentDataModule
+from ldm.diffusion.formulations import EDMFormulation, FlowFormulation, VPFormulation
+from ldm.diffusion.loss import denoising_loss
+from ldm.models import latent_diffusion
+from ldm.models.latent_diffusion import LatentDiffusionModule, NonFiniteLossError
+from ldm.nn.conditioners import ClassConditioner, TextTransformerConditioner, Unconditional
+from ldm.nn.dit import DiT
+from ldm.nn.unet import UNet
+from ldm.tasks.fit import build_trainer
+from ldm.utils.checkpoint import load_module, read_checkpoint
+
+LATENT_SHAPE = (4, 8, 8)
+
+
+class PrototypeLatents(Dataset):
+    """Four fixed latent patterns (one per class and caption) plus a little noise: a distribution a tiny net learns."""
+
+    def __init__(self, size: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.prototypes = torch.randn(4, *LATENT_SHAPE, generator=g)
+        self.noise = 0.1 * torch.randn(size, *LATENT_SHAPE, generator=g)
+        self.words = ["red circle", "blue square", "green triangle", "white star"]
+
+    def __len__(self) -> int:
+        return len(self.noise)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latent": self.prototypes[i % 4] + self.noise[i], "caption": f"a {self.words[i % 4]}", "label": i % 4}
+
+
+def loader(batch_size: int = 16) -> DataLoader:
+    return DataLoader(PrototypeLatents(), batch_size=batch_size, shuffle=True, drop_last=True)
+
+
+def fit(module: L.LightningModule, steps: int, **trainer_options) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_options)
+    trainer.fit(module, train_dataloaders=loader())
+    return trainer
+
+
+@torch.no_grad()
+def held_out_loss(module: LatentDiffusionModule) -> float:
+    """Mean denoising loss of 64 latents at fixed noise levels and noise: comparable before and after training."""
+    data = PrototypeLatents(seed=0)
+    batch = {"caption": [data[i]["caption"] for i in range(64)], "label": torch.arange(64) % 4}
+    x0 = torch.stack([data[i]["latent"] for i in range(64)])
+    denoiser, conditioner = module.inference_parts(use_ema=False)
+    loss, _ = denoising_loss(denoiser, x0, conditioner.encode(batch), module.formulation,
+                             generator=torch.Generator().manual_seed(0))
+    return loss.mean().item()
+
+
+def tiny_unet(**conditioning) -> UNet:
+    return UNet(4, model_channels=32, channel_mult=[1], num_res_blocks=1, attention_resolutions=[], head_dim=32,
+                **conditioning)
+
+
+FORMULATIONS = {
+    "vp_eps": lambda: VPFormulation(prediction="eps"),
+    "vp_v": lambda: VPFormulation(prediction="v"),
+    "edm": lambda: EDMFormulation(sigma_data=1.0),
+    "flow": lambda: FlowFormulation(),
+}
+
+
+@pytest.mark.parametrize("name", FORMULATIONS)
+def test_training_lowers_the_loss(name):
+    torch.manual_seed(0)
+    module = LatentDiffusionModule(tiny_unet(), FORMULATIONS[name](), Unconditional(), latent_shape=LATENT_SHAPE,
+                                   lr=2e-3, ema_decay=None, cfg_dropout_prob=0.0)
+    before = held_out_loss(module)
+    fit(module, steps=30)
+    after = held_out_loss(module)
+    assert after < 0.7 * before, f"{name}: held-out loss {before:.4f} -> {after:.4f}"
+
+
+def test_plain_dataloader_cannot_scale_lr_with_an_unknown_batch():
+    module = LatentDiffusionModule(tiny_unet(), VPFormulation(), Unconditional(), latent_shape=LATENT_SHAPE,
+                                   scale_lr=True)
+    with pytest.raises(ValueError, match="scale_lr"):
+        fit(module, steps=1)
+
+
+def text_module(cfg_dropout_prob: float = 0.1, ema_decay: float | None = None) -> LatentDiffusionModule:
+    conditioner = TextTransformerConditioner(width=32, layers=1, heads=2, context_length=8)
+    return LatentDiffusionModule(tiny_unet(context_dim=32), VPFormulation(prediction="v"), conditioner,
+                                 latent_shape=LATENT_SHAPE, lr=2e-3, ema_decay=ema_decay,
+                                 cfg_dropout_prob=cfg_dropout_prob)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_cfg_dropout_swaps_whole_conditions_for_the_null_one(monkeypatch, p):
+    module = text_module(cfg_dropout_prob=p)
+    dropped = []
+
+    def spy(denoiser, x0, cond, formulation, *, generator=None):
+        null = module.conditioner.null(x0.shape[0])["context"]
+        dropped.extend((cond["context"] == null).flatten(1).all(1).tolist())  # per sample: is it the null one?
+        return denoising_loss(denoiser, x0, cond, formulation, generator=generator)
+
+    monkeypatch.setattr(latent_diffusion, "denoising_loss", spy)
+    fit(module, steps=3)
+    assert len(dropped) == 3 * 16
+    fraction = sum(dropped) / len(dropped)
+    assert fraction == p if p in (0.0, 1.0) else 0.2 < fraction < 0.8
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = compose_run("shapes_txt2img", [
+        f"paths.root_dir={tmp_path}", "name=nan", "model.first_stage=null", "data.first_stage_ckpt=null",
+        *TINY_TXT2IMG, "callbacks=none", "checkpoint_every_n_steps=1", "trainer.max_steps=10",
+    ])
+    module = instantiate(cfg.model)
+    trainer = build_trainer(cfg)
+    last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+    before = {}
+
+    def poison(net, inputs, output):  # the backbone turns to NaN from step 2 on
+        if module.global_step < 2:
+            return output
+        if not before:
+            before.update(data=last.read_bytes(), mtime=last.stat().st_mtime_ns)
+        return output * float("nan")
+
+    module.denoiser.net.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        trainer.fit(module, train_dataloaders=loader(batch_size=8))
+    assert last.read_bytes() == before["data"] and last.stat().st_mtime_ns == before["mtime"]
+    assert read_checkpoint(last)["global_step"] == 2
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step-00000001.ckpt", "step-00000002.ckpt"]
+
+
+# --- the txt2img run of the shared tiny flow (fit task, cached latents, text conditioner, EMA) ---
+
+SAMPLE_OPTIONS = dict(sampler="euler_ancestral", steps=4, guidance_scale=2.0)  # per-step noise and CFG
+
+
+def test_checkpoint_rebuilds_a_module_that_samples_the_same(tiny_runs):
+    live = tiny_runs.ldm_trainer.lightning_module.eval()
+    loaded, cfg, ckpt = load_module(tiny_runs.ldm_ckpt)
+    assert ckpt["global_step"] == tiny_runs.ldm_steps and cfg.name == "ldm"
+    batch = live.sample_batch(["a large red circle in the center", "a small blue square in the top left"], None)
+    images = live.sample(batch, [3, 4], **SAMPLE_OPTIONS)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(loaded.sample(batch, [3, 4], **SAMPLE_OPTIONS), images)
+    assert not torch.equal(live.sample(batch, [5, 4], **SAMPLE_OPTIONS)[0], images[0])  # the seed matters
+
+
+def test_samples_do_not_depend_on_the_batch(tiny_runs):
+    module = tiny_runs.ldm_trainer.lightning_module.eval()
+    prompts = ["a red circle", "a blue square", "a green triangle", "a red circle"]
+    seeds = [0, 1, 2, 7]
+    together = module.sample(module.sample_batch(prompts, None), seeds, decode=False, **SAMPLE_OPTIONS)
+    alone = torch.cat([module.sample(module.sample_batch([p], None), [s], decode=False, **SAMPLE_OPTIONS)
+                       for p, s in zip(prompts, seeds)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(together[0], together[3])  # same prompt, another seed
+
+
+def test_ema_lives_in_the_checkpoint_and_samples_by_default(tiny_runs):
+    module = tiny_runs.ldm_trainer.lightning_module.eval()
+    state = read_checkpoint(tiny_runs.ldm_ckpt)["state_dict"]
+    assert int(state["ema.num_updates"]) == tiny_runs.ldm_steps
+    backbone = [k.removeprefix("denoiser.net.") for k in state if k.startswith("denoiser.net.")]
+    assert all(f"ema.net.backbone.{k}" in state for k in backbone)
+    assert any(k.startswith("ema.net.conditioner.") for k in state)  # the text encoder trains, so it is averaged
+    assert any(not torch.equal(state[f"denoiser.net.{k}"], state[f"ema.net.backbone.{k}"]) for k in backbone)
+    batch = module.sample_batch(["a red circle"], None)
+    default = module.sample(batch, [0], decode=False, **SAMPLE_OPTIONS)
+    assert torch.equal(default, module.sample(batch, [0], decode=False, use_ema=True, **SAMPLE_OPTIONS))
+    assert not torch.allclose(default, module.sample(batch, [0], decode=False, use_ema=False, **SAMPLE_OPTIONS))
+
+
+def test_latent_scale_and_shift_come_from_the_cache(tiny_runs):
+    module = tiny_runs.ldm_trainer.lightning_module
+    data = LatentDataModule(str(tiny_runs.cache / "train"), batch_size=8)
+    assert not torch.allclose(data.scale, torch.ones(4, 1, 1))  # real statistics, not the defaults
+    state = read_checkpoint(tiny_runs.ldm_ckpt)["state_dict"]
+    for name, expected in (("latent_scale", data.scale), ("latent_shift", data.shift)):
+        assert torch.equal(getattr(module, name), expected.flatten())
+        assert torch.equal(state[name], expected.flatten())
+    z = torch.randn(2, *LATENT_SHAPE)
+    torch.testing.assert_close(module.unnormalize(z), data.train.unscale(z))
+
+
+# --- other backbones and conditioners through the same module and configs ---
+
+def composed_module(*overrides: str) -> LatentDiffusionModule:
+    cfg = compose_run("shapes_txt2img", ["model.first_stage=null", "data.first_stage_ckpt=null", *TINY_TXT2IMG,
+                                         *overrides])
+    return instantiate(cfg.model)
+
+
+def test_dit_backbone_trains_and_samples():
+    torch.manual_seed(0)
+    module = composed_module("model/backbone@model.backbone=dit_s", "model.backbone.hidden_size=32",
+                             "model.backbone.depth=1", "model.backbone.num_heads=2", "model.cfg_dropout_prob=0.2")
+    assert isinstance(module.denoiser.net, DiT) and module.denoiser.net.context_dim == 32
+    before = held_out_loss(module)
+    fit(module, steps=20)
+    assert held_out_loss(module) < 0.8 * before
+    batch = module.sample_batch(["a red circle", "a blue square"], None)
+    z = module.sample(batch, [0, 0], decode=False, **SAMPLE_OPTIONS)
+    assert z.shape == (2, *LATENT_SHAPE) and torch.isfinite(z).all()
+    assert not torch.allclose(z[0], z[1])  # same noise, other caption: the text reaches the DiT
+
+
+def test_class_conditioning_wires_y_dim():
+    torch.manual_seed(0)
+    module = composed_module("model/conditioner@model.conditioner=class", "model.conditioner.num_classes=4",
+                             "model.conditioner.dim=32", "model.backbone.y_dim=${model.conditioner.dim}",
+                             "model.backbone.context_dim=null", "model.cfg_dropout_prob=0.2")
+    assert isinstance(module.conditioner, ClassConditioner) and module.denoiser.net.y_dim == 32
+    before = held_out_loss(module)
+    fit(module, steps=20)
+    assert held_out_loss(module) < 0.8 * before
+    z = module.sample(module.sample_batch(None, [0, 1]), [0, 0], decode=False, **SAMPLE_OPTIONS)
+    assert z.shape == (2, *LATENT_SHAPE) and not torch.allclose(z[0], z[1])  # the label changes the sample
+    with pytest.raises(ValueError, match="label"):
+        module.sample(module.sample_batch(None, [4]), [0], decode=False, steps=2)
+
+
+# --- two processes (gloo) through main.py ---
+
+class RecordBatchKeys(L.Callback):
+    """Test probe for the DDP run: each rank writes the keys of the training batches it saw."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.keys = Path(out_dir), []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.keys.append(list(batch["key"]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.keys))
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_splits_the_data_and_counts_steps_once(tiny_runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    steps, batch_size = 3, 8
+    result = run_main(
+        "+experiment=shapes_txt2img", "name=ddp", "first_stage_name=ae", f"paths.root_dir={tiny_runs.root}",
+        *TINY_TXT2IMG, *QUIET, "callbacks=none", f"data.batch_size={batch_size}", f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=3", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
+        "+callbacks.keys._target_=test_latent_diffusion.RecordBatchKeys", f"+callbacks.keys.out_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"world size 2, global batch {2 * batch_size}" in result.stdout
+    ckpt = read_checkpoint(tiny_runs.root / "experiments" / "ddp" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == steps
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [[len(b) for b in rank] for rank in seen] == [[batch_size] * steps] * 2
+    rank0, rank1 = ({k for b in rank for k in b} for rank in seen)
+    assert len(rank0) == len(rank1) == steps * batch_size and not rank0 & rank1  # one epoch, split in two
