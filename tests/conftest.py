@@ -36,12 +36,15 @@ TINY_AE = [
 ]
 TINY_CACHE = ["task=cache_latents", "data.resolution=16", "model.net.ch=8", "model.net.ch_mult=[1,2]",
               "data.train.size=64", "data.val.size=16", "task.num_workers=0", "task.progress=false"]
-TINY_TXT2IMG = [
-    "model.backbone.model_channels=32", "model.backbone.channel_mult=[1,2]", "model.backbone.attention_resolutions=[2]",
-    "model.conditioner.width=32", "model.conditioner.layers=1", "model.conditioner.heads=2", "model.warmup_steps=0",
-    "model.lr=1e-3", "data.batch_size=8", "data.num_workers=0", "trainer.limit_val_batches=1", "model.sample_steps=2",
-    "model.sample_prompts=[a red circle]", "model.sample_seeds=[0,1]", *QUIET,
+TINY_UNET = ["model.backbone.model_channels=32", "model.backbone.channel_mult=[1,2]",
+             "model.backbone.attention_resolutions=[2]"]
+TINY_TEXT = ["model.conditioner.width=32", "model.conditioner.layers=1", "model.conditioner.heads=2"]
+# shapes_txt2img without the backbone and conditioner sizes (for swapping those)
+TINY_LDM = [
+    "model.warmup_steps=0", "model.lr=1e-3", "data.batch_size=8", "data.num_workers=0", "trainer.limit_val_batches=1",
+    "model.sample_steps=2", "model.sample_prompts=[a red circle]", "model.sample_seeds=[0,1]", *QUIET,
 ]
+TINY_TXT2IMG = [*TINY_UNET, *TINY_TEXT, *TINY_LDM]
 
 
 def compose_run(name: str, overrides: list[str] = ()):

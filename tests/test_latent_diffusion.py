@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import QUIET, ROOT, TINY_TXT2IMG, compose_run, run_main
+from conftest import ROOT, TINY_LDM, TINY_TEXT, TINY_TXT2IMG, TINY_UNET, compose_run, run_main
 from ldm.data.latents import LatentDataModule
 from ldm.diffusion.formulations import EDMFormulation, FlowFormulation, VPFormulation
 from ldm.diffusion.loss import denoising_loss
@@ -200,14 +200,13 @@ def test_latent_scale_and_shift_come_from_the_cache(tiny_runs):
 # --- other backbones and conditioners through the same module and configs ---
 
 def composed_module(*overrides: str) -> LatentDiffusionModule:
-    cfg = compose_run("shapes_txt2img", ["model.first_stage=null", "data.first_stage_ckpt=null", *TINY_TXT2IMG,
-                                         *overrides])
+    cfg = compose_run("shapes_txt2img", ["model.first_stage=null", "data.first_stage_ckpt=null", *TINY_LDM, *overrides])
     return instantiate(cfg.model)
 
 
 def test_dit_backbone_trains_and_samples():
     torch.manual_seed(0)
-    module = composed_module("model/backbone@model.backbone=dit_s", "model.backbone.hidden_size=32",
+    module = composed_module(*TINY_TEXT, "model/backbone@model.backbone=dit_s", "model.backbone.hidden_size=32",
                              "model.backbone.depth=1", "model.backbone.num_heads=2", "model.cfg_dropout_prob=0.2")
     assert isinstance(module.denoiser.net, DiT) and module.denoiser.net.context_dim == 32
     before = held_out_loss(module)
@@ -221,7 +220,7 @@ def test_dit_backbone_trains_and_samples():
 
 def test_class_conditioning_wires_y_dim():
     torch.manual_seed(0)
-    module = composed_module("model/conditioner@model.conditioner=class", "model.conditioner.num_classes=4",
+    module = composed_module(*TINY_UNET, "model/conditioner@model.conditioner=class", "model.conditioner.num_classes=4",
                              "model.conditioner.dim=32", "model.backbone.y_dim=${model.conditioner.dim}",
                              "model.backbone.context_dim=null", "model.cfg_dropout_prob=0.2")
     assert isinstance(module.conditioner, ClassConditioner) and module.denoiser.net.y_dim == 32
@@ -256,7 +255,7 @@ def test_ddp_on_cpu_splits_the_data_and_counts_steps_once(tiny_runs, tmp_path, m
     steps, batch_size = 3, 8
     result = run_main(
         "+experiment=shapes_txt2img", "name=ddp", "first_stage_name=ae", f"paths.root_dir={tiny_runs.root}",
-        *TINY_TXT2IMG, *QUIET, "callbacks=none", f"data.batch_size={batch_size}", f"trainer.max_steps={steps}",
+        *TINY_TXT2IMG, "callbacks=none", f"data.batch_size={batch_size}", f"trainer.max_steps={steps}",
         "trainer.val_check_interval=3", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
         "+callbacks.keys._target_=test_latent_diffusion.RecordBatchKeys", f"+callbacks.keys.out_dir={tmp_path}",
     )
