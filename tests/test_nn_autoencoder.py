@@ -212,20 +212,23 @@ def test_lpips_matches_torchmetrics(vgg_file, lpips, monkeypatch):
 
 
 def test_lpips_missing_weights_name_the_config_key(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="lpips_vgg_weights"):
+    with pytest.raises(FileNotFoundError, match="model.lpips.vgg_weights_path"):
         LPIPS(vgg_weights_path=None)
-    with pytest.raises(FileNotFoundError, match="lpips_vgg_weights"):
+    with pytest.raises(FileNotFoundError, match="model.lpips.vgg_weights_path"):
         LPIPS(vgg_weights_path=str(tmp_path / "missing.pth"))
+    torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "not_vgg.pth")
+    with pytest.raises(ValueError, match="not a torchvision vgg16"):
+        LPIPS(vgg_weights_path=str(tmp_path / "not_vgg.pth"))
 
     def offline(*args, **kwargs):
         raise URLError("no network")
 
     monkeypatch.setattr(torchvision.models, "vgg16", offline)
-    with pytest.raises(RuntimeError, match="lpips_vgg_weights"):
+    with pytest.raises(RuntimeError, match="model.lpips.vgg_weights_path"):
         LPIPS(vgg_weights_path="torchvision")
 
 
 def test_lpips_linear_heads_file(vgg_file, tmp_path):
     assert packaged_lin_weights() is not None  # torchmetrics ships the LPIPS v0.1 heads
-    with pytest.raises(FileNotFoundError, match="lpips_lin_weights"):
+    with pytest.raises(FileNotFoundError, match="model.lpips.lin_weights_path"):
         LPIPS(vgg_weights_path=str(vgg_file), lin_weights_path=str(tmp_path / "missing.pth"))

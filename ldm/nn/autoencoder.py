@@ -36,8 +36,10 @@ class DiagonalGaussian:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups; the count divides `channels` so tiny widths work too."""
-    return nn.GroupNorm(gcd(32, channels), channels, eps=1e-6)
+    """GroupNorm with 32 groups (LDM), fewer for narrow layers so each group keeps at least 4 channels."""
+    # One channel per group is instance norm, which erases each image's per-channel level (its colours):
+    # on the 32 px shapes, ch=16 nets train ~2.5x slower with it than with groups of 4 channels.
+    return nn.GroupNorm(gcd(channels, max(1, min(32, channels // 4))), channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

@@ -7,9 +7,13 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from ldm.utils.errors import ConfigError, missing_file
+
 # Indices of torchvision's vgg16().features that end each LPIPS stage: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _STAGE_ENDS = (4, 9, 16, 23, 30)
 _STAGE_CHANNELS = (64, 128, 256, 512, 512)
+VGG_KEY = "model.lpips.vgg_weights_path"
+LIN_KEY = "model.lpips.lin_weights_path"
 
 
 def packaged_lin_weights() -> Path | None:
@@ -25,7 +29,7 @@ def _vgg16_features(vgg_weights_path: str | None) -> nn.Sequential:
     """VGG16 conv trunk up to relu5_3, from a local torchvision state_dict file or torchvision's hub download."""
     if vgg_weights_path is None:
         raise FileNotFoundError(
-            "LPIPS needs VGG16 weights: set lpips_vgg_weights to a torchvision vgg16 state_dict file "
+            f"LPIPS needs VGG16 weights: set the config key `{VGG_KEY}` to a torchvision vgg16 state_dict file "
             "(torch.save(torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict(), path)) "
             "or to 'torchvision' to download them through the torch hub cache"
         )
@@ -35,13 +39,13 @@ def _vgg16_features(vgg_weights_path: str | None) -> nn.Sequential:
             vgg = torchvision.models.vgg16(weights=torchvision.models.VGG16_Weights.IMAGENET1K_V1)
         except OSError as error:
             raise RuntimeError(
-                "lpips_vgg_weights='torchvision' could not download the VGG16 weights; "
-                "set lpips_vgg_weights to a local torchvision vgg16 state_dict file"
+                f"`{VGG_KEY}`='torchvision' could not download the VGG16 weights; "
+                "set it to a local torchvision vgg16 state_dict file"
             ) from error
         return vgg.features[: _STAGE_ENDS[-1]]
     path = Path(vgg_weights_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"lpips_vgg_weights: no VGG16 state_dict at {path}")
+        raise missing_file(str(path), VGG_KEY, "VGG16 weights for LPIPS")
     state = torch.load(path, map_location="cpu", weights_only=True)
     with torch.device("meta"):  # no memory for the unused 120M-parameter classifier; the file fills the trunk
         features = torchvision.models.vgg16(weights=None).features[: _STAGE_ENDS[-1]]
@@ -50,7 +54,7 @@ def _vgg16_features(vgg_weights_path: str | None) -> nn.Sequential:
     expected = set(features.state_dict())
     missing = expected - set(trunk)
     if missing:
-        raise ValueError(f"lpips_vgg_weights: {path} is not a torchvision vgg16 state_dict (missing features.{sorted(missing)[0]})")
+        raise ConfigError(f"`{VGG_KEY}`: {path} is not a torchvision vgg16 state_dict (no features.{sorted(missing)[0]})")
     features.load_state_dict({k: trunk[k] for k in expected}, assign=True)
     return features
 
@@ -61,17 +65,17 @@ def _linear_heads(lin_weights_path: str | None) -> nn.ModuleList:
     if path is None:
         raise FileNotFoundError(
             "LPIPS linear heads not found: install torchmetrics (it ships lpips_models/vgg.pth) "
-            "or set lpips_lin_weights to the LPIPS v0.1 vgg.pth file"
+            f"or set the config key `{LIN_KEY}` to the LPIPS v0.1 vgg.pth file"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"lpips_lin_weights: no LPIPS linear-head file at {path}")
+        raise missing_file(str(path), LIN_KEY, "LPIPS linear heads")
     state = torch.load(path, map_location="cpu", weights_only=True)
     heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _STAGE_CHANNELS)
     for i, head in enumerate(heads):
         # Keys are lin{i}.model.{j}.weight, j = 1 when the original net had a dropout in front.
         weights = [v for k, v in state.items() if k.startswith(f"lin{i}.") and k.endswith(".weight")]
         if len(weights) != 1 or weights[0].shape != head.weight.shape:
-            raise ValueError(f"lpips_lin_weights: {path} has no lin{i} weight of shape {tuple(head.weight.shape)}")
+            raise ConfigError(f"`{LIN_KEY}`: {path} has no lin{i} weight of shape {tuple(head.weight.shape)}")
         head.weight.data.copy_(weights[0])
     return heads
 
