@@ -18,7 +18,7 @@ from ldm.models.autoencoder_loss import (
     kl_loss,
     reconstruction_loss,
 )
-from ldm.nn.autoencoder import AutoencoderKL, DiagonalGaussian
+from ldm.nn.autoencoder import AutoencoderKL, DiagonalGaussian, group_norm
 from ldm.nn.discriminator import NLayerDiscriminator
 from ldm.nn.lpips import LPIPS, packaged_lin_weights
 
@@ -31,7 +31,8 @@ def build(name: str) -> AutoencoderKL:
 
 @pytest.mark.parametrize("ch_mult, factor", [((1, 2, 4), 4), ((1, 2, 4, 4), 8)])
 def test_encode_decode_shapes(ch_mult, factor):
-    net = AutoencoderKL(ch=8, ch_mult=ch_mult, num_res_blocks=1, z_channels=4, embed_dim=3, attn_levels=(len(ch_mult) - 1,))
+    last = len(ch_mult) - 1
+    net = AutoencoderKL(ch=8, ch_mult=ch_mult, num_res_blocks=1, z_channels=4, embed_dim=3, attn_levels=(last,))
     assert net.downsample_factor == factor and net.latent_channels == 3
     x = torch.rand(2, 3, 32, 48) * 2 - 1
     posterior = net.encode(x)
@@ -39,6 +40,10 @@ def test_encode_decode_shapes(ch_mult, factor):
     assert net.decode(posterior.sample()).shape == x.shape
     recon, _ = net(x, sample=False)
     assert torch.equal(recon, net.decode(posterior.mode()))
+
+
+def test_group_norm_keeps_four_channels_per_group():
+    assert [group_norm(c).num_groups for c in (3, 8, 16, 48, 128, 512)] == [1, 2, 4, 12, 32, 32]
 
 
 def test_bad_inputs_raise():
@@ -197,7 +202,6 @@ def test_lpips_zero_for_identical_grows_with_noise_and_backprops(lpips):
     assert not lpips.train().training  # a fixed metric stays in eval mode
 
 
-@pytest.mark.slow  # importing torchmetrics alone takes ~10 s of CPU
 def test_lpips_matches_torchmetrics(vgg_file, lpips, monkeypatch):
     from torchmetrics.functional.image import lpips as tm_lpips
 

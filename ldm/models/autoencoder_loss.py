@@ -1,4 +1,4 @@
-"""Loss terms of the first stage: reconstruction, KL, hinge GAN with adaptive weight (Esser et al. 2021; Rombach et al. 2022)."""
+"""First-stage losses: reconstruction, KL, hinge GAN, adaptive GAN weight (Esser et al. 2021; Rombach et al. 2022)."""
 
 import torch
 from torch import Tensor

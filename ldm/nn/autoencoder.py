@@ -134,7 +134,7 @@ class MidBlock(nn.Module):
 
 def _check_arch(ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_levels: Sequence[int]) -> None:
     if ch < 1 or num_res_blocks < 1 or not ch_mult or min(ch_mult) < 1:
-        raise ValueError(f"need ch >= 1, num_res_blocks >= 1 and positive ch_mult; got {ch=}, {ch_mult=}, {num_res_blocks=}")
+        raise ValueError(f"need ch, num_res_blocks >= 1 and positive ch_mult; got {ch=}, {ch_mult=}, {num_res_blocks=}")
     bad = [level for level in attn_levels if not 0 <= level < len(ch_mult)]
     if bad:
         raise ValueError(f"attn_levels {bad} out of range for {len(ch_mult)} levels (0 = input resolution)")
@@ -252,7 +252,7 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"expected images [B, {self.in_channels}, H, W], got {tuple(images.shape)}")
         f = self.downsample_factor
         if images.shape[-2] % f or images.shape[-1] % f:
-            raise ValueError(f"H and W must be multiples of the downsampling factor {f}, got {tuple(images.shape[-2:])}")
+            raise ValueError(f"H and W must be multiples of the downsampling factor {f}, got {tuple(images.shape)}")
         moments = self.quant_conv(self.encoder(images))
         # Posterior statistics in fp32: exp(logvar) and the KL lose too much precision in bf16.
         mean, logvar = moments.float().chunk(2, dim=1)
@@ -265,7 +265,9 @@ class AutoencoderKL(nn.Module):
         # Posterior samples are fp32; match the weights so a model cast to bf16 decodes them too.
         return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
-    def forward(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
+    def forward(
+        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, DiagonalGaussian]:
         """Reconstruct images through a posterior sample (or its mode); returns (recon, posterior)."""
         posterior = self.encode(images)
         z = posterior.sample(generator) if sample else posterior.mode()

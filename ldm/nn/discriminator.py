@@ -25,7 +25,8 @@ class NLayerDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             out = ndf * min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False), make_norm(out), nn.LeakyReLU(0.2)]
+            conv = nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False)  # the norm's shift is the bias
+            layers += [conv, make_norm(out), nn.LeakyReLU(0.2)]
             width = out
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)

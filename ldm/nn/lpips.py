@@ -54,7 +54,7 @@ def _vgg16_features(vgg_weights_path: str | None) -> nn.Sequential:
     expected = set(features.state_dict())
     missing = expected - set(trunk)
     if missing:
-        raise ConfigError(f"`{VGG_KEY}`: {path} is not a torchvision vgg16 state_dict (no features.{sorted(missing)[0]})")
+        raise ConfigError(f"`{VGG_KEY}`: {path} is not a torchvision vgg16 state_dict (no features.{min(missing)})")
     features.load_state_dict({k: trunk[k] for k in expected}, assign=True)
     return features
 
@@ -102,7 +102,7 @@ class LPIPS(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         # Zhang et al. 2018, eq. 1: sum_l mean_hw || w_l * (f_l(x) - f_l(y)) ||^2 on channel-normalised features.
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected two image batches [B, 3, H, W] of equal shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+            raise ValueError(f"expected two [B, 3, H, W] batches of one shape, got {tuple(x.shape)}, {tuple(y.shape)}")
         hx, hy = (x - self.shift) / self.scale, (y - self.shift) / self.scale
         distance = x.new_zeros(x.shape[0])
         for stage, lin in zip(self.stages, self.lins):
