@@ -1,6 +1,6 @@
 """Latent diffusion training throughput: steps/s and samples/s on cached latents vs on-the-fly encoding.
 
-    python benchmarks/bench_train.py [--backbones unet dit] [--batch-size 32] [--steps 10] [--warmup 3]
+    python benchmarks/bench_train.py [--backbones unet dit] [--batch-size 16] [--steps 5] [--warmup 2] [--rows fp32]
 
 Every row trains a fresh LatentDiffusionModule built from the shapes experiment configs (text conditioner,
 EMA, AdamW) with Lightning for warmup + steps steps and times the last `steps`. `cached` reads a latent cache
@@ -134,9 +134,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=None, choices=sorted(BACKBONES),
                         help="default: unet dit on CPU, unet dit dit_s on a GPU")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 256 on a GPU")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 8 CPU, 50 GPU)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 256 on a GPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 5 CPU, 50 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 CPU, 5 GPU)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (unlisted GPUs)")
@@ -145,8 +145,9 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     args.backbones = args.backbones or (["unet", "dit", "dit_s"] if gpu else ["unet", "dit"])
-    args.batch_size = args.batch_size or (256 if gpu else 32)
-    args.steps = args.steps or (50 if gpu else 8)
+    args.batch_size = args.batch_size or (256 if gpu else 16)
+    args.steps = args.steps or (50 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows as a GPU user would run them
         torch.backends.cudnn.allow_tf32 = True

@@ -118,6 +118,7 @@ class ShapesDataset(Dataset):
         if num_objects not in (1, 2):
             raise ValueError(f"num_objects must be 1 or 2, got {num_objects}")
         self.size, self.resolution, self.num_objects, self.seed = size, resolution, num_objects, seed
+        self._rendered = self._done = None  # filled lazily by _pixels
 
     def __len__(self) -> int:
         return self.size
@@ -128,10 +129,21 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for ShapesDataset of size {self.size}")
         return sample_attributes(np.random.default_rng([self.seed, index]), self.num_objects)
 
+    def _pixels(self, index: int, objects) -> np.ndarray:
+        """Rendered uint8 image, kept after the first render: a scene is a pure function of (seed, index), and
+        re-rendering it every epoch would cost more CPU than the tiny models train with."""
+        if self._rendered is None:
+            self._rendered = np.zeros((self.size, self.resolution, self.resolution, 3), np.uint8)
+            self._done = np.zeros(self.size, bool)
+        if not self._done[index]:
+            self._rendered[index] = render_shapes(objects, self.resolution)
+            self._done[index] = True
+        return self._rendered[index]
+
     def __getitem__(self, index: int) -> dict:
         objects = self.scene(index)
         return {
-            "image": uint8_to_tensor(render_shapes(objects, self.resolution)),
+            "image": uint8_to_tensor(self._pixels(index, objects)),
             "caption": describe(objects),
             "label": -1,
             "key": f"shapes-{self.seed}-{index:07d}",
