@@ -1,6 +1,11 @@
 """ldm entry point: `python main.py +experiment=NAME [task=fit|cache_latents|sample|evaluate] [overrides]`."""
 import importlib
+import os
 import sys
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning. With spinning threads, one other busy
+# process on the same cores made a CPU training step 9x slower (benchmarks/RESULTS.md); override if you like.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra
 from hydra.errors import InstantiationException

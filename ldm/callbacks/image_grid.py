@@ -26,7 +26,9 @@ class ImageGrid(L.Callback):
     def _fixed_batch(self, trainer, pl_module):
         if self._batch is None:
             dm = trainer.datamodule
-            loader = dm.val_dataloader() if dm is not None and dm.val_dataloader() is not None else dm.train_dataloader()
+            loader = dm.val_dataloader()
+            if isinstance(loader, list) and not loader:  # no validation split: show training data
+                loader = dm.train_dataloader()
             batch = next(iter(loader))
             self._batch = {k: v[: self.num_images] for k, v in batch.items() if not isinstance(v, dict)}
         return pl_module.transfer_batch_to_device(self._batch, pl_module.device, 0)
