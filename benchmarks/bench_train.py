@@ -111,11 +111,10 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def train_rate(row: Row, first_stage, loaders: dict, latent_shape, args, device: torch.device) -> dict:
+def train_rate(row: Row, model_cfg, first_stage, loaders: dict, latent_shape, args, device: torch.device) -> dict:
     """Train a fresh module for warmup + steps steps; return its throughput."""
     torch.manual_seed(0)
-    cfg = compose_model(row.backbone)
-    module = instantiate(cfg, first_stage=first_stage, latent_shape=list(latent_shape), compile=row.compile)
+    module = instantiate(model_cfg, first_stage=first_stage, latent_shape=list(latent_shape), compile=row.compile)
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator=device.type, devices=1, precision=row.precision, max_steps=args.warmup + args.steps,
@@ -167,10 +166,11 @@ def main() -> None:
                        pin_memory=gpu)
         loaders = {"cached": DataLoader(latents, **options), "on-the-fly": DataLoader(in_memory, **options)}
         peak = peak_flops(device, args.peak_tflops)
+        model_cfgs = {backbone: compose_model(backbone) for backbone in args.backbones}  # one model for all its rows
         flops: dict[tuple[str, str], float] = {}
         results = []
         for row in rows:
-            result = train_rate(row, first_stage, loaders, latents.latent_shape, args, device)
+            result = train_rate(row, model_cfgs[row.backbone], first_stage, loaders, latents.latent_shape, args, device)
             key = (row.backbone, row.data)
             if key not in flops:
                 flops[key] = flops_per_step(result["module"], next(iter(loaders[row.data])), device)

@@ -82,10 +82,6 @@ class TinyRuns:
     ldm_trainer: object  # the in-process Trainer: its lightning_module is the model that wrote last.ckpt
 
     @property
-    def ae_ckpt(self) -> Path:
-        return self.root / "experiments" / "ae" / "checkpoints" / "last.ckpt"
-
-    @property
     def ldm_ckpt(self) -> Path:
         return self.root / "experiments" / "ldm" / "checkpoints" / "last.ckpt"
 
@@ -97,7 +93,7 @@ class TinyRuns:
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory) -> TinyRuns:
     """The README flow in miniature, in-process: fit autoencoder (4 steps), cache latents, fit txt2img (12 steps)."""
-    from ldm.tasks import cache_latents, fit
+    from ldm.tasks import cache_latents, fit  # here, so collecting unrelated test files does not import Lightning
 
     root = tmp_path_factory.mktemp("tiny_runs")
     where = [f"paths.root_dir={root}"]

@@ -7,10 +7,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import ROOT, TINY_LDM, TINY_TEXT, TINY_TXT2IMG, TINY_UNET, compose_run, run_main
+from conftest import CONFIGS, ROOT, TINY_LDM, TINY_TEXT, TINY_TXT2IMG, TINY_UNET, compose_run, run_main
 from ldm.data.latents import LatentDataModule
 from ldm.diffusion.formulations import EDMFormulation, FlowFormulation, VPFormulation
 from ldm.diffusion.loss import denoising_loss
@@ -198,6 +199,12 @@ def composed_module(*overrides: str) -> LatentDiffusionModule:
     return instantiate(cfg.model)
 
 
+def compose_model_group(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=["+model=latent_diffusion", "model.first_stage=null",
+                                            f"model.latent_shape={list(LATENT_SHAPE)}", *overrides])
+
+
 def test_dit_backbone_trains_and_samples():
     torch.manual_seed(0)
     module = composed_module(*TINY_TEXT, "model/backbone=dit_s", "model.backbone.hidden_size=32",
@@ -216,10 +223,11 @@ def test_dit_backbone_trains_and_samples():
 
 def test_class_conditioning_wires_y_dim():
     torch.manual_seed(0)
-    module = composed_module(*TINY_UNET, "model/conditioner=class", "~model.conditioner.context_length",
-                             "model.conditioner.num_classes=4",
-                             "model.conditioner.dim=32", "model.backbone.y_dim=${model.conditioner.dim}",
-                             "model.backbone.context_dim=null", "model.lr=5e-3", "model.cfg_dropout_prob=0.2")
+    # the model group alone, swapped as on the command line (shapes_txt2img's text-encoder keys would not fit)
+    cfg = compose_model_group("model/conditioner=class", *TINY_UNET, "model.conditioner.num_classes=4",
+                              "model.conditioner.dim=32", "model.backbone.y_dim=${model.conditioner.dim}",
+                              "model.lr=5e-3", "model.cfg_dropout_prob=0.2")
+    module = instantiate(cfg.model)
     assert isinstance(module.conditioner, ClassConditioner) and module.denoiser.net.y_dim == 32
     before = held_out_loss(module)
     fit(module, steps=30)
