@@ -48,3 +48,11 @@ def test_unknown_key_and_missing_path_give_clear_errors(tmp_path):
     missing = _main("+experiment=shapes_autoencoder", "data=image_folder", "data.root=/no/such/dir", cwd=tmp_path)
     assert missing.returncode == 2, missing.stderr
     assert "data.root" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["shapes_txt2img", "shapes_txt2img_dit", "digits_class2img"])
+def test_latent_diffusion_experiments_build_and_denoise(name):
+    module = instantiate(compose_experiment(name, ["model.first_stage=null"]).model)
+    prompts, labels = (None, [3, 7]) if name == "digits_class2img" else (["a small red circle in the center"] * 2, None)
+    z = module.sample(module.sample_batch(prompts, labels), [0, 1], decode=False, steps=2)
+    assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()

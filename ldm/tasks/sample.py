@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -97,7 +98,7 @@ def encode_init_image(module, path: str, resolution: int) -> torch.Tensor:
     if not Path(path).is_file():
         raise missing_file(path, "task.init_image", "init image")
     image = Image.open(path).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-    x = torch.from_numpy(__import__("numpy").asarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy of the pixels
     with torch.no_grad():
         return module.normalize(module.first_stage.encode(x[None].to(module.device)).mean)
 
