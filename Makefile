@@ -27,10 +27,10 @@ demo: venv
 	$(BIN)/python main.py +experiment=shapes_txt2img task=evaluate
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: venv
 	$(BIN)/python benchmarks/bench_latent_cache.py

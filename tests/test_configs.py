@@ -56,3 +56,12 @@ def test_latent_diffusion_experiments_build_and_denoise(name):
     prompts, labels = (None, [3, 7]) if name == "digits_class2img" else (["a small red circle in the center"] * 2, None)
     z = module.sample(module.sample_batch(prompts, labels), [0, 1], decode=False, steps=2)
     assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
+def test_loggers_write_under_the_run_dir(logger, tmp_path):
+    cfg = compose_experiment("shapes_autoencoder", [f"logger={logger}", f"paths.root_dir={tmp_path}"])
+    [built] = [instantiate(c) for c in cfg.logger.values()]
+    assert str(built.save_dir).startswith(str(tmp_path / "experiments" / "shapes_autoencoder" / "logs"))
+    if logger == "wandb":
+        assert cfg.logger.wandb.offline is True and cfg.logger.wandb.id == "shapes_autoencoder"  # resumable
