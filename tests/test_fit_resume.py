@@ -111,3 +111,18 @@ def test_sigkill_during_training_leaves_a_loadable_checkpoint(tmp_path):
     assert ckpt["global_step"] >= 1 and "ldm_config" in ckpt
     assert load_first_stage(checkpoints / "last.ckpt").decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 16, 16)
     assert (checkpoints / f"step-{ckpt['global_step']:08d}.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_final_step_is_checkpointed_and_a_finished_run_is_not_retrained(tmp_path):
+    """max_steps not a multiple of the checkpoint interval: the last steps are saved, and re-running the same
+    command trains nothing and rewrites no checkpoint."""
+    args = command(tmp_path, "ae", "checkpoint_every_n_steps=4", "trainer.max_steps=6")
+    assert run_main(*args).returncode == 0
+    ckdir = tmp_path / "experiments" / "ae" / "checkpoints"
+    assert read_checkpoint(ckdir / "last.ckpt")["global_step"] == 6
+    assert (ckdir / "step-00000006.ckpt").is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in ckdir.iterdir()}
+    again = run_main(*args)
+    assert again.returncode == 0 and "Resuming from" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in ckdir.iterdir()} == before

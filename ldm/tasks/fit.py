@@ -5,6 +5,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.callbacks.final_checkpoint import FinalCheckpoint
 from ldm.callbacks.store_config import StoreConfig
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 from ldm.utils.rundir import checkpoint_dir, resume_checkpoint, save_run_config
@@ -31,6 +32,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
         checkpoints = [checkpoints, best]
     else:
         checkpoints = [checkpoints]
+    checkpoints.append(FinalCheckpoint(checkpoint_dir(run_dir), checkpoints[0]))
     callbacks = [*checkpoints, StoreConfig(OmegaConf.to_container(cfg, resolve=True)), *extra_callbacks]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
