@@ -22,6 +22,7 @@ class ImageGrid(L.Callback):
     def __init__(self, out_dir: str, every_n_steps: int = 500, num_images: int = 8):
         self.out_dir, self.every_n_steps, self.num_images = Path(out_dir), every_n_steps, num_images
         self._batch = None
+        self._written_step = -1
 
     def _fixed_batch(self, trainer, pl_module):
         if self._batch is None:
@@ -41,7 +42,7 @@ class ImageGrid(L.Callback):
         images = pl_module.log_images(self._fixed_batch(trainer, pl_module))
         pl_module.train(was_training)
         paths = []
-        step = trainer.global_step
+        step = self._written_step = trainer.global_step
         for name, tiles in images.items():
             picture = grid(tiles)
             if trainer.is_global_zero:
@@ -56,4 +57,5 @@ class ImageGrid(L.Callback):
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self.write(trainer, pl_module)
+        if self._written_step != trainer.global_step:  # the last step may already have its grid
+            self.write(trainer, pl_module)

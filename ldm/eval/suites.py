@@ -78,7 +78,7 @@ class DigitsSuite:
         self.reference = DigitsDataset(split="train", resolution=resolution, val_fraction=val_fraction,
                                        split_seed=split_seed)
         self.classifier_weights, self.val_fraction, self.split_seed = classifier_weights, val_fraction, split_seed
-        self._net = None
+        self._net = self._reference_images = None
 
     def _classifier(self):
         if self._net is None:
@@ -92,7 +92,9 @@ class DigitsSuite:
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         net = self._classifier()
         labels = self.labels if labels is None else labels
-        ref = _stack(self.reference)["image"]
+        if self._reference_images is None:  # stacked once, reused for every checkpoint scored
+            self._reference_images = _stack(self.reference)["image"]
+        ref = self._reference_images
         return {"acc_class": class_accuracy(net, images, labels), "fid_digits": _fid(net, images, ref)}
 
     def floor(self) -> dict[str, float]:
