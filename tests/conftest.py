@@ -1,6 +1,8 @@
 """Shared test helpers: compose the project's Hydra config exactly as main.py does; tiny end-to-end runs."""
 import contextlib
+import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -42,7 +44,9 @@ TINY_TEXT = ["model.conditioner.width=32", "model.conditioner.layers=1", "model.
 # shapes_txt2img without the backbone and conditioner sizes (for swapping those)
 TINY_LDM = [
     "model.warmup_steps=0", "model.lr=1e-3", "data.batch_size=8", "data.num_workers=0", "trainer.limit_val_batches=1",
-    "model.sample_steps=2", "model.sample_prompts=[a red circle]", "model.sample_seeds=[0,1]", *QUIET,
+    "model.sample_steps=2", "model.sample_prompts=[a red circle]", "model.sample_seeds=[0,1]",
+    "~callbacks.periodic_eval",  # its suite renders 32 px scenes; tests/test_evaluate.py runs it at 16 px
+    *QUIET,
 ]
 TINY_TXT2IMG = [*TINY_UNET, *TINY_TEXT, *TINY_LDM]
 
@@ -70,6 +74,45 @@ def run_main(*overrides: str, timeout: float = 600) -> subprocess.CompletedProce
     """`python main.py *overrides` in a subprocess (DDP re-launches sys.argv: never run it inside pytest)."""
     return subprocess.run([sys.executable, "main.py", *overrides], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to resolve or connect to a host fails, as on a machine without internet."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+TINY_CLIP = "ldm-test-tiny-clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """Register a tiny open_clip architecture (random weights are cheap to build); returns its model name."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("open_clip") / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
+    }))
+    open_clip.add_model_config(path)
+    return TINY_CLIP
+
+
+@pytest.fixture(scope="session")
+def shapes_feature_weights(tmp_path_factory) -> Path:
+    """The shapes feature network (FID space of ShapesSuite), trained once per test session."""
+    from ldm.eval.shapes_features import shapes_feature_net
+
+    weights = tmp_path_factory.mktemp("eval") / "shapes_features.pt"
+    shapes_feature_net(weights)
+    return weights
 
 
 @dataclass

@@ -1,7 +1,5 @@
 """Conditioners: offline tokenizer, encode/null shapes and values, CFG dropout, OpenCLIP weight loading."""
 
-import json
-import socket
 import time
 from pathlib import Path
 
@@ -22,31 +20,6 @@ from ldm.nn.conditioners import (
 
 CONDITIONER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model" / "conditioner"
 CAPTIONS = ["a red square", "two blue circles at the top left", ""]
-TINY_CLIP = "ldm-test-tiny-clip"
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to resolve or connect to a host fails, as on a machine without internet."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    """Register a tiny open_clip architecture (random weights are cheap to build)."""
-    path = tmp_path_factory.mktemp("open_clip") / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps({
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
-    }))
-    open_clip.add_model_config(path)
-    return TINY_CLIP
 
 
 def test_tokenizer_and_joint_text_encoder_work_offline(no_network):

@@ -7,15 +7,18 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from ldm.data.datamodule import ImageDataModule
+from ldm.data.stream_loader import StreamLoader
 from ldm.data.webdataset_images import WebImageDataset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -113,12 +116,75 @@ def test_resampled_epochs_have_fixed_length_and_are_reproducible(shards):
     loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
     first, second = [item["key"] for item in loader], [item["key"] for item in loader]
     assert len(first) == len(second) == 10 and set(first + second) <= good
+    assert first != second  # persistent workers count their passes: a new epoch draws anew
 
-    def stream(seed: int) -> list[str]:
-        torch.manual_seed(seed)
-        return [item["key"] for item in WebImageDataset(urls, resolution=8, resampled=True, epoch_samples=12, shuffle_buffer=4)]
+    def stream(seed: int, epoch: int | None = None) -> list[str]:
+        ds = WebImageDataset(urls, resolution=8, resampled=True, epoch_samples=12, shuffle_buffer=4, seed=seed)
+        if epoch is not None:
+            ds.set_epoch(epoch)
+        return [item["key"] for item in ds]
 
-    assert stream(0) == stream(0) and stream(0) != stream(1)
+    # seeded by (seed, epoch, rank, worker) only: not by torch's global state
+    torch.manual_seed(1)
+    assert stream(0) == stream(0, epoch=0) and stream(0) != stream(1) and stream(0) != stream(0, epoch=1)
+    # set_epoch reaches workers made before it (persistent ones) and a fresh copy alike
+    ds.set_epoch(7)
+    again = DataLoader(WebImageDataset(urls, resolution=8, resampled=True, epoch_samples=10, shuffle_buffer=4),
+                       batch_size=None, num_workers=2)
+    again.dataset.set_epoch(7)
+    assert [item["key"] for item in loader] == [item["key"] for item in again]
+
+
+def test_equalized_finite_pass_gives_every_rank_the_same_count(tmp_path):
+    """Uneven shards: a plain finite pass gives ranks different counts (DDP would hang); epoch_samples evens them."""
+    for index, size in enumerate((7, 1, 4, 2, 9)):
+        write_shard(tmp_path / f"u-{index}.tar", [sample(f"{index}{i:03d}") for i in range(size)])
+    urls = str(tmp_path / "u-{0..4}.tar")
+    finite = [[item["key"] for item in read(WebImageDataset(urls, resolution=8, rank=r, world_size=2))] for r in (0, 1)]
+    assert [len(keys) for keys in finite] == [20, 3]  # shards 0, 2, 4 vs 1, 3
+    for r, keys in enumerate(finite):
+        ds = WebImageDataset(urls, resolution=8, rank=r, world_size=2, epoch_samples=12, shuffle_buffer=3)
+        got = [item["key"] for item in read(ds)]
+        assert len(got) == 12 and set(got) <= set(keys)  # its own shards only, cycled when they run short
+        assert r == 0 or set(got) == set(keys)
+    with pytest.raises(ValueError, match="no shards"):  # 5 shards cannot give each of 6 ranks a share
+        next(iter(WebImageDataset(urls, resolution=8, rank=5, world_size=6, epoch_samples=12)))
+
+
+class KeyRecorder(L.LightningModule):
+    """Records each training batch's keys; one weight so the optimizer has something to step."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.keys = []
+
+    def training_step(self, batch, batch_idx):
+        self.keys.append(list(batch["key"]))
+        return (self.w - batch["image"].mean()).square()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_stream_loader_resumes_with_the_next_pass_not_a_replay(shards, tmp_path):
+    urls, _ = shards
+
+    def fit(max_steps: int, root: Path, ckpt_path: Path | None = None) -> list[list[str]]:
+        data = WebImageDataset(urls, resolution=8, resampled=True, epoch_samples=8, shuffle_buffer=4)
+        module = KeyRecorder()
+        every_step = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=root, callbacks=[every_step])
+        trainer.fit(module, StreamLoader(data, batch_size=2, drop_last=True), ckpt_path=ckpt_path)
+        return module.keys
+
+    reference = fit(8, tmp_path / "a")  # passes 0 and 1, 4 batches each
+    assert reference[:4] != reference[4:]
+    saved = torch.load(tmp_path / "a" / "step=2.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
+    assert saved["combined_loader"] == [{"passes": 1}]  # the pass in progress counted
+    # preempted after step 2: the rest of that epoch comes from pass 1, not a replay of pass 0
+    assert fit(6, tmp_path / "b", ckpt_path=tmp_path / "a" / "step=2.ckpt") == reference[4:8]
 
 
 def test_clear_errors(tmp_path):
@@ -127,11 +193,15 @@ def test_clear_errors(tmp_path):
     write_shard(tmp_path / "a.tar", [sample("a")])
     with pytest.raises(ValueError, match="epoch_samples"):
         WebImageDataset(str(tmp_path / "a.tar"), resampled=True)
+    with pytest.raises(ValueError, match="epoch_samples"):
+        WebImageDataset(str(tmp_path / "a.tar"), epoch_samples=0)
     with pytest.raises(ValueError, match="rank"):
         WebImageDataset(str(tmp_path / "a.tar"), rank=2, world_size=2)
     (tmp_path / "b.tar").write_bytes(b"not a tar file" * 100)
     with pytest.raises(RuntimeError, match="no usable sample"):  # an error, not an endless loop
         next(iter(WebImageDataset(str(tmp_path / "b.tar"), resampled=True, epoch_samples=10)))
+    with pytest.raises(RuntimeError, match="no usable sample"):  # cycling shards without a sample: the same
+        next(iter(WebImageDataset(str(tmp_path / "b.tar"), epoch_samples=10)))
 
 
 def test_config_requires_urls_and_builds(shards):

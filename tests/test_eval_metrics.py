@@ -229,10 +229,10 @@ def test_attribute_accuracy_survives_blur_and_noise_and_catches_wrong_bindings()
 
 
 @pytest.mark.slow
-def test_shapes_feature_net_reads_scenes_and_its_fid_sees_blur(tmp_path, monkeypatch):
-    weights = tmp_path / "shapes_features.pt"
-    net = shapes_feature_net(weights)
+def test_shapes_feature_net_reads_scenes_and_its_fid_sees_blur(shapes_feature_weights, monkeypatch):
+    weights = shapes_feature_weights  # written by shapes_feature_net on first use
     assert weights.is_file()
+    net = shapes_feature_net(weights)
     images, targets = render_scenes(600, seed=5)
     order = torch.randperm(600, generator=torch.Generator().manual_seed(0))  # mix one- and two-object scenes
     images, targets = images[order], targets[order]

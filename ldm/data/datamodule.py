@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.stream_loader import StreamLoader
+
 
 class ImageDataModule(L.LightningDataModule):
     """Train/val loaders: map-style datasets are shuffled, streaming (iterable) ones shard themselves per rank.
@@ -46,7 +48,9 @@ class ImageDataModule(L.LightningDataModule):
                 set_rank(self.trainer.global_rank, self.trainer.world_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
+        # a streaming training set is numbered pass by pass (StreamLoader), so a resumed run draws new samples
+        loader = StreamLoader if train and hasattr(dataset, "set_epoch") else DataLoader
+        return loader(
             dataset,
             batch_size=batch_size,
             shuffle=train and not isinstance(dataset, IterableDataset),  # Lightning swaps in a DistributedSampler

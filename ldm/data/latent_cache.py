@@ -85,13 +85,6 @@ def member_names(flip: bool) -> tuple[str, ...]:
     return MEMBERS + (FLIP_MEMBERS if flip else ())
 
 
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's (rank, world size): torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 # --- files ----------------------------------------------------------------------------------------
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:

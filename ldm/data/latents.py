@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ldm.data.latent_cache import FORMAT, MANIFEST, VERSION, rank_and_world_size, read_json, sha256_file
+from ldm.data.latent_cache import FORMAT, MANIFEST, VERSION, read_json, sha256_file
 from ldm.models.first_stage import first_stage_hash, load_first_stage
+from ldm.utils.dist_env import dist_env
 from ldm.utils.errors import ConfigError
 
 SCALES = ("per_channel", "global_std")
@@ -354,10 +355,11 @@ class LatentDataModule(L.LightningDataModule):
         return self.train.latent_shape
 
     def _rank_and_world_size(self) -> tuple[int, int]:
-        """From the trainer when there is one (its launcher may not set RANK), else torch.distributed or env."""
+        """From the trainer when there is one, else torch.distributed or the launcher's env (see dist_env)."""
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
-        return rank_and_world_size()
+        env = dist_env()
+        return env.rank, env.world_size
 
     def _loader_options(self) -> dict:
         return dict(

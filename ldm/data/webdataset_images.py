@@ -1,30 +1,37 @@
 """Tar shards in the img2dataset layout ({key}.jpg|png|webp, {key}.txt, {key}.json) read with webdataset.
 
-Two modes:
-  finite     (resampled=False): every sample once per pass; shards split by rank, then by DataLoader worker.
-             Ranks may get different sample counts, so use it for validation, caching and evaluation.
-  resampled  (resampled=True): each rank and worker draws shards with replacement, and a pass ends after
-             `epoch_samples` samples per rank, so every rank runs the same number of steps (no DDP hang).
+Three modes; the last two give every rank the same count, so DDP never waits at an epoch end:
+  finite     (resampled=False, epoch_samples=None): every sample once per pass; shards split by rank, then
+             by DataLoader worker. Ranks may get different counts: for validation, caching, evaluation.
+  equalized  (resampled=False, epoch_samples=N): the same split, but each rank yields exactly N samples per
+             pass, cycling its own shards when they run short (like DistributedSampler's padding).
+  resampled  (resampled=True, epoch_samples=N): each rank and worker draws shards with replacement and
+             yields exactly its share of N; needs no split and never runs dry (training at LAION scale).
 
-The rank is never read from RANK/WORLD_SIZE inside a worker (launchers differ on setting them): it is
-given to the constructor, set by ImageDataModule.setup from the trainer, or read from torch.distributed.
+A pass's shard order, draws and shuffle buffer are seeded by (seed, epoch, rank, worker); StreamLoader
+(ldm/data/stream_loader.py) numbers the passes and keeps the count in checkpoints, so a resumed run does not replay its stream.
+The rank comes from set_rank() (ImageDataModule.setup passes the trainer's), else torch.distributed at
+construction, else `dist_env()` when iterating (a spawned DataLoader worker has no process group, only env).
 """
 
 import itertools
 import json
 import logging
+import multiprocessing
 import random
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
 
 from ldm.data.skips import SkipCounter
 from ldm.data.transforms import CROPS, load_rgb, prepare_image
+from ldm.utils.dist_env import dist_env
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +53,14 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     return shards
 
 
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialised in this process, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
+    """The seed of one rank's worker's pass: independent streams for every (seed, epoch, rank, worker)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(1)[0])
+
+
+def worker_share(total: int, worker: int, num_workers: int) -> int:
+    """Worker `worker`'s part of `total` samples: equal parts, the first `total % num_workers` workers one more."""
+    return total // num_workers + int(worker < total % num_workers)
 
 
 def tar_members(streams: Iterator[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
@@ -71,6 +81,32 @@ def tar_members(streams: Iterator[dict], handler: Callable[[Exception], bool]) -
         yield {}
 
 
+class SharedEpoch:
+    """The epoch set in the main process, read at each pass by DataLoader workers, persistent ones included."""
+
+    def __init__(self):
+        # (epoch, times set); a "spawn" context array travels to forked and spawned workers alike
+        self._shared = multiprocessing.get_context("spawn").Array("q", [0, 0])
+
+    def set(self, epoch: int) -> None:
+        with self._shared.get_lock():
+            self._shared[0], self._shared[1] = epoch, self._shared[1] + 1
+
+    def get(self) -> tuple[int, int]:
+        """(epoch, how many times it was set)."""
+        with self._shared.get_lock():
+            return self._shared[0], self._shared[1]
+
+    def __getstate__(self) -> dict:
+        # shared memory may only travel to a process being started; any other copy gets its own
+        return {"shared": self._shared if get_spawning_popen() is not None else None, "value": self.get()}
+
+    def __setstate__(self, state: dict) -> None:
+        self._shared = state["shared"]
+        if self._shared is None:
+            self._shared = multiprocessing.get_context("spawn").Array("q", list(state["value"]))
+
+
 class WebImageDataset(IterableDataset):
     """Image(+caption) samples from webdataset tar shards; corrupt or partial samples are skipped and counted."""
 
@@ -89,8 +125,10 @@ class WebImageDataset(IterableDataset):
     ):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-        if resampled and (epoch_samples is None or epoch_samples <= 0):
+        if resampled and epoch_samples is None:
             raise ValueError("resampled=True streams forever: set epoch_samples (samples per rank per epoch) > 0")
+        if epoch_samples is not None and epoch_samples <= 0:
+            raise ValueError(f"epoch_samples (samples per rank per epoch) must be > 0, got {epoch_samples}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shards = expand_shards(urls)
@@ -101,10 +139,11 @@ class WebImageDataset(IterableDataset):
         if rank is not None or world_size is not None:
             self.set_rank(rank, world_size)
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.set_rank(*distributed_rank())
+            self.set_rank(torch.distributed.get_rank(), torch.distributed.get_world_size())
         self.skipped = SkipCounter("sample")
         self.read_errors = SkipCounter("shard read")
-        self._passes = 0
+        self._epoch = SharedEpoch()
+        self._epoch_seen, self._passes = None, 0  # per process: which set_epoch call, passes started since
         self._draws_since_item = 0
 
     def set_rank(self, rank: int, world_size: int) -> None:
@@ -112,6 +151,13 @@ class WebImageDataset(IterableDataset):
         if rank is None or world_size is None or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got {rank=}, {world_size=}")
         self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the next pass with `epoch` (passes after it without a new call use epoch + 1, + 2, ...).
+
+        Call it every epoch when workers are not persistent: a fresh worker copy cannot count passes.
+        """
+        self._epoch.set(epoch)
 
     @property
     def num_skipped(self) -> int:
@@ -141,44 +187,63 @@ class WebImageDataset(IterableDataset):
         self._draws_since_item = 0
         return {"image": image, "caption": caption, "label": label, "key": key}
 
-    def __iter__(self) -> Iterator[dict]:
-        rank, world_size = (self.rank, self.world_size) if self.rank is not None else distributed_rank()
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # shard/sample order: distinct per rank, worker and pass; reproducible when torch is seeded
-        # (torch.initial_seed() is the DataLoader's per-worker seed inside a worker)
+    def _pass_epoch(self) -> int:
+        """The epoch of the pass starting now: the last set_epoch value plus the passes this process began since."""
+        epoch, times_set = self._epoch.get()
+        if times_set != self._epoch_seen:
+            self._epoch_seen, self._passes = times_set, 0
         self._passes += 1
-        entropy = [self.seed, rank, worker, self._passes, torch.initial_seed()]
-        rng = random.Random(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        return epoch + self._passes - 1
 
-        if self.resampled:
-            # drawing independently per rank and worker needs no split and never runs dry
-            shards = self._draw_shards(rng)
+    def __iter__(self) -> Iterator[dict]:
+        env = dist_env()
+        rank, world_size = (self.rank, self.world_size) if self.rank is not None else (env.rank, env.world_size)
+        worker, num_workers = env.worker, env.num_workers
+        rng = random.Random(stream_seed(self.seed, self._pass_epoch(), rank, worker))
+
+        if self.resampled:  # drawing independently per rank and worker needs no split and never runs dry
+            urls = (rng.choice(self.shards) for _ in itertools.count())
+            shards = self._watch(urls, patience=MAX_EMPTY_DRAWS)
         else:
             mine = self.shards[rank::world_size][worker::num_workers]
+            if not mine and self.epoch_samples is not None:
+                raise ValueError(
+                    f"rank {rank} worker {worker} has no shards ({len(self.shards)} shards for {world_size} ranks x "
+                    f"{num_workers} workers), so it cannot yield its share of epoch_samples: use resampled=True, "
+                    "more shards or fewer workers"
+                )
             if not mine:
                 log.warning("rank %d worker %d has no shards (%d shards for %d ranks x %d workers)",
                             rank, worker, len(self.shards), world_size, num_workers)
-            if self.shuffle_buffer > 0:
-                rng.shuffle(mine)
-            shards = ({"url": url} for url in mine)
+            if self.epoch_samples is None:  # one pass over this worker's shards
+                shards = ({"url": url} for url in self._shuffled(mine, rng))
+            else:  # round after round; 2 rounds' worth of empty shards in a row is an error, not a hang
+                urls = itertools.chain.from_iterable(self._shuffled(mine, rng) for _ in itertools.count())
+                shards = self._watch(urls, patience=2 * len(mine))
 
         samples = group_by_keys(tar_members(url_opener(shards, handler=self._on_read_error), self._on_read_error),
                                 handler=self._on_read_error)
         items = (item for item in map(self._to_item, samples) if item is not None)
         if self.shuffle_buffer > 0:
             items = wds.shuffle(self.shuffle_buffer, rng=rng)(items)
-        if self.resampled:  # `epoch_samples` per rank, spread over its workers
-            per_worker = self.epoch_samples // num_workers + int(worker < self.epoch_samples % num_workers)
-            items = itertools.islice(items, per_worker)
+        if self.epoch_samples is not None:  # `epoch_samples` per rank, spread over its workers
+            items = itertools.islice(items, worker_share(self.epoch_samples, worker, num_workers))
         yield from items
 
-    def _draw_shards(self, rng: random.Random) -> Iterator[dict]:
-        """Shards drawn with replacement, forever, unless none of the last MAX_EMPTY_DRAWS gave a sample."""
+    def _shuffled(self, urls: list[str], rng: random.Random) -> list[str]:
+        """A round's shard order: shuffled when samples are (shuffle_buffer > 0), else as listed."""
+        urls = list(urls)
+        if self.shuffle_buffer > 0:
+            rng.shuffle(urls)
+        return urls
+
+    def _watch(self, urls: Iterator[str], patience: int) -> Iterator[dict]:
+        """Shards of an endless stream, stopped with an error once `patience` in a row gave no usable sample."""
         self._draws_since_item = 0
-        while self._draws_since_item < MAX_EMPTY_DRAWS:
+        for url in urls:
+            if self._draws_since_item >= patience:
+                raise RuntimeError(
+                    f"{patience} shards in a row gave no usable sample (see the logged errors); check data.urls"
+                )
             self._draws_since_item += 1
-            yield {"url": rng.choice(self.shards)}
-        raise RuntimeError(
-            f"{MAX_EMPTY_DRAWS} shards in a row gave no usable sample (see the logged errors); check data.urls"
-        )
+            yield {"url": url}

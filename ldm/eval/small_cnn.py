@@ -36,9 +36,14 @@ class SmallCNN(nn.Module):
         self.register_buffer("feature_std", torch.ones(num_features))
 
     def _activations(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % INPUT_SIZE or images.shape[3] % INPUT_SIZE:
-            raise ValueError(f"expected images [B, 3, H, W], H and W multiples of {INPUT_SIZE}: {tuple(images.shape)}")
-        x = F.adaptive_avg_pool2d(images.float(), INPUT_SIZE)
+        side = images.shape[-1]
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != side or (side % INPUT_SIZE and INPUT_SIZE % side):
+            raise ValueError(f"expected square images [B, 3, H, H], H a multiple or divisor of {INPUT_SIZE}: "
+                             f"{tuple(images.shape)}")
+        x = images.float()
+        if side < INPUT_SIZE:  # e.g. 16 px test models: each pixel becomes a block, no new detail is invented
+            x = F.interpolate(x, scale_factor=INPUT_SIZE // side, mode="nearest")
+        x = F.adaptive_avg_pool2d(x, INPUT_SIZE)
         pooled = []
         for conv in self.convs:
             x = conv(x)

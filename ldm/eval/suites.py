@@ -55,8 +55,9 @@ class ShapesSuite:
         return [self.prompts[i]["caption"] for i in range(len(self.prompts))], None
 
     def score(self, images: torch.Tensor) -> dict[str, float]:
+        """Scores images generated for the first len(images) prompts (all of them for task=evaluate)."""
         real, ref, net = self._load()
-        acc = attribute_accuracy(images, real["attrs"])
+        acc = attribute_accuracy(images, {k: v[: len(images)] for k, v in real["attrs"].items()})
         return {**{f"acc_{k}": v for k, v in acc.items()}, "fid_shapes": _fid(net, images, ref["image"])}
 
     def floor(self) -> dict[str, float]:
@@ -90,8 +91,9 @@ class DigitsSuite:
         return None, self.labels.tolist()
 
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """Scores images generated for the first len(images) labels, or for the `labels` given."""
         net = self._classifier()
-        labels = self.labels if labels is None else labels
+        labels = self.labels[: len(images)] if labels is None else labels
         if self._reference_images is None:  # stacked once, reused for every checkpoint scored
             self._reference_images = _stack(self.reference)["image"]
         ref = self._reference_images

@@ -11,7 +11,11 @@ def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
 
 
 class EMA(nn.Module):
-    """Shadow copy of `net` updated as theta_ema <- d theta_ema + (1 - d) theta after each optimizer step."""
+    """Shadow copy of `net` updated as theta_ema <- d theta_ema + (1 - d) theta after each optimizer step.
+
+    Under FSDP the shadow is sharded exactly like `net` (LatentDiffusionModule.configure_model): both hold DTensors
+    with the same placements, so the update is a local lerp on each rank's shard, with no communication.
+    """
 
     def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = True):
         super().__init__()
@@ -28,6 +32,14 @@ class EMA(nn.Module):
         for b_ema, b in zip(self.net.buffers(), net.buffers(), strict=True):
             b_ema.copy_(b)
         self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, net: nn.Module) -> None:
+        """Overwrite `net`'s weights with the averaged ones (export of EMA weights only)."""
+        for p_ema, p in zip(self.net.parameters(), net.parameters(), strict=True):
+            p.copy_(p_ema)
+        for b_ema, b in zip(self.net.buffers(), net.buffers(), strict=True):
+            b.copy_(b_ema)
 
     def train(self, mode: bool = True) -> "EMA":
         super().train(mode)

@@ -1,15 +1,19 @@
 """Conditional latent diffusion training (Rombach et al. 2022): a denoiser on (scaled) first-stage latents."""
 import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from ldm.data.latents import LatentDataModule
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import denoising_loss, sigma_buckets
 from ldm.models.ema import EMA
 from ldm.models.first_stage import FIRST_STAGE_CONFIG_KEY, first_stage_hash
+from ldm.models.fsdp import FSDP2Strategy
 from ldm.models.generate import generate_latents
 from ldm.models.step_seed import step_generator
 from ldm.nn.conditioners import cfg_dropout
@@ -70,7 +74,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.formulation = formulation
         self.conditioner = conditioner
         self.first_stage = first_stage.requires_grad_(False).eval() if first_stage is not None else None
-        self.ema = EMA(self._trained_parts(), ema_decay) if ema_decay else None
+        self.ema = EMA(self.ema_target(), ema_decay) if ema_decay else None
         self.latent_shape = tuple(latent_shape)
         # Latent normalisation z_n = (z - shift) * scale: data from the cache manifest (or `latent_scale` when
         # encoding on the fly), stored with the checkpoint so sampling needs nothing else.
@@ -88,12 +92,32 @@ class LatentDiffusionModule(L.LightningModule):
         self.sample_steps, self.sample_guidance = sample_steps, sample_guidance
         self._train_denoiser = [self.denoiser]  # a list keeps a compiled wrapper out of the state_dict
 
-    def _trained_parts(self) -> nn.ModuleDict:
-        """What EMA averages: the backbone, and the conditioner unless it is frozen (e.g. OpenCLIP)."""
+    def ema_target(self) -> nn.ModuleDict:
+        """What EMA averages (and FSDP shards): the backbone, and the conditioner unless it is frozen (OpenCLIP)."""
         parts = {"backbone": self.denoiser.net}
         if any(p.requires_grad for p in self.conditioner.parameters()):
             parts["conditioner"] = self.conditioner
         return nn.ModuleDict(parts)
+
+    def configure_model(self) -> None:
+        """trainer=fsdp: shard before the optimizer is built (once: validate/fit calls come here again)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDP2Strategy) and not isinstance(self.denoiser.net, FSDPModule):
+            self.shard(strategy.shard)
+
+    def shard(self, shard: Callable[..., None]) -> None:
+        """Shard the trained parts and their EMA copy the same way, `shard(module, trained=, forward_methods=)`,
+        so the EMA update stays local to each shard. Frozen parts (first stage, a frozen text encoder) stay
+        whole: they have no gradients to synchronise."""
+        averaged = self.ema.net if self.ema is not None else {}
+        for name, part in self.ema_target().items():
+            methods = ("encode", "null") if name == "conditioner" else ()  # called instead of forward
+            shard(part, trained=True, forward_methods=methods)
+            if name in averaged:
+                shard(averaged[name], trained=False, forward_methods=methods)
+        whole = [n for n, p in self.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        if whole:  # FSDP synchronises only sharded gradients: these would drift apart across ranks
+            raise RuntimeError(f"FSDP left trained parameters unsharded: {whole[:5]}")
 
     # --- set-up ---
     def setup(self, stage: str) -> None:
@@ -118,7 +142,10 @@ class LatentDiffusionModule(L.LightningModule):
         lr = self.lr * batch / self.base_batch_size if self.scale_lr else self.lr
         params = [p for p in [*self.denoiser.parameters(), *self.conditioner.parameters()] if p.requires_grad]
         params = list({id(p): p for p in params}.values())  # backbone is reachable twice (denoiser, ema excluded)
-        opt = torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay)
+        # fused: one kernel for all parameters; on 2 CPU cores the default loop took 0.19 s of a 1.1 s step
+        # (shapes_txt2img), fused 0.03 s. Sharded (DTensor) parameters keep the default implementation.
+        fused = not any(isinstance(p, DTensor) for p in params)
+        opt = torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then(self.lr_schedule, self.warmup_steps, total))
         self.print(
@@ -173,7 +200,7 @@ class LatentDiffusionModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self._trained_parts())
+            self.ema.update(self.ema_target())
 
     def validation_step(self, batch, batch_idx):
         g = step_generator(self.seed + 1, batch_idx, self.global_rank, self.device)  # same noise every validation

@@ -1,13 +1,13 @@
 """task=cache_latents: encode the data's splits with this run's frozen autoencoder into verified latent shards."""
-import os
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.data.latent_cache import CacheResult, cache_latents, rank_and_world_size, read_json
+from ldm.data.latent_cache import CacheResult, cache_latents, read_json
 from ldm.models.first_stage import first_stage_hash, load_first_stage_with_config
+from ldm.utils.dist_env import dist_env
 from ldm.utils.errors import ConfigError
 from ldm.utils.rundir import resolve_checkpoint
 
@@ -15,8 +15,8 @@ from ldm.utils.rundir import resolve_checkpoint
 def _device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
-    # one GPU per rank under torchrun/srun (LOCAL_RANK), else the CPU
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    # one GPU per rank under torchrun/srun/Lightning (the local rank), else the CPU
+    return torch.device("cuda", dist_env().local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _check_deterministic(dataset, split: str) -> None:
@@ -53,7 +53,8 @@ def run(cfg: DictConfig) -> dict[str, CacheResult]:
     identity = first_stage_hash(first_stage)
     print(f"first stage {checkpoints[0]} (sha256 {identity[:16]}...)")
     datamodule = instantiate(cfg.data)
-    rank, world_size = rank_and_world_size()
+    env = dist_env()
+    rank, world_size = env.rank, env.world_size
     results = {}
     for split in task.splits:
         dataset = getattr(datamodule, split, None)

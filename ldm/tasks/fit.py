@@ -1,14 +1,21 @@
-"""task=fit: train the configured model; re-running the same command resumes from `last.ckpt`."""
+"""task=fit: train the configured model; re-running the same command resumes from `last.ckpt`.
+
+Every launch path runs this same function in each rank: one process with Lightning's launcher (it starts the
+other ranks), torchrun, srun (sbatch or submitit). All ranks address the same run directory; rank 0 alone writes.
+"""
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks.final_checkpoint import FinalCheckpoint
+from ldm.callbacks.slurm_requeue import SlurmRequeue, slurm_job_id
+from ldm.callbacks.startup_summary import StartupSummary
 from ldm.callbacks.store_config import StoreConfig
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
-from ldm.utils.rundir import checkpoint_dir, resume_checkpoint, save_run_config
+from ldm.utils.rundir import LAST, checkpoint_dir, resume_checkpoint, save_run_config
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
@@ -33,12 +40,16 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
     else:
         checkpoints = [checkpoints]
     checkpoints.append(FinalCheckpoint(checkpoint_dir(run_dir), checkpoints[0]))
-    callbacks = [*checkpoints, StoreConfig(OmegaConf.to_container(cfg, resolve=True)), *extra_callbacks]
+    callbacks = [*checkpoints, StoreConfig(OmegaConf.to_container(cfg, resolve=True)), StartupSummary(),
+                 *extra_callbacks]
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # tasks started by srun (sbatch, submitit): SlurmRequeue replaces Lightning's
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue(checkpoint_dir(run_dir) / LAST, slurm_job_id()))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
-        default_root_dir=run_dir,
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, default_root_dir=run_dir,
     )
 
 
@@ -47,11 +58,10 @@ def run(cfg: DictConfig) -> L.Trainer:
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls/convs on Ampere+ in TF32: ~same loss, much faster
     torch.backends.cudnn.allow_tf32 = True
     L.seed_everything(cfg.seed, workers=True)
-    save_run_config(cfg, cfg.paths.run_dir)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     trainer = build_trainer(cfg)
-    if ckpt_path is not None:
-        print(f"Resuming from {ckpt_path}")
+    if trainer.is_global_zero:  # once the Trainer exists its rank is right under every launcher
+        save_run_config(cfg, cfg.paths.run_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer

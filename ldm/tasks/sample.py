@@ -1,7 +1,6 @@
 """task=sample: images, `samples.jsonl` and labelled grids from a checkpoint alone (EMA weights by default)."""
 import itertools
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from PIL import Image
 from rich.progress import track
 
 from ldm.utils.checkpoint import load_module
+from ldm.utils.dist_env import dist_env
 from ldm.utils.errors import ConfigError, missing_file
 from ldm.utils.images import save_png, to_uint8
 from ldm.utils.labeled_grid import labeled_grid, save_grid
@@ -124,7 +124,8 @@ def run(cfg: DictConfig) -> Path:
                for p, y in ([(p, -1) for p in prompts] or [("", y) for y in labels])], [], [])
     )
     jobs = [job for row in rows for job in row]
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    env = dist_env()
+    rank, world = env.rank, env.world_size
     mine = list(range(rank, len(jobs), world))  # several GPUs: rank r renders jobs r, r+W, ...
     images = render(module, [jobs[i] for i in mine], t, init)
 

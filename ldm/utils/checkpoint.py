@@ -5,31 +5,46 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.utils.consolidate import read_safetensors, read_sharded_checkpoint
 from ldm.utils.safe_config import safe_instantiate
 
 CONFIG_KEY = "ldm_config"
 FIRST_STAGE_CONFIG_KEY = "first_stage_config"  # a diffusion checkpoint's autoencoder config (weights in state_dict)
+EMA_FOLDED_KEY = "ema_folded"  # modules whose EMA weights replaced their trained ones (exported safetensors)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True: tensors and plain containers only, no pickled code."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """A checkpoint as a dict (state_dict, config, step): a .ckpt file (torch.load with weights_only=True: tensors
+    and plain containers only, no pickled code), a .safetensors export, or a sharded (trainer=fsdp) directory,
+    consolidated in memory."""
+    path = Path(path)
+    if path.is_dir():
+        return read_sharded_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def checkpoint_config(ckpt: dict[str, Any]) -> DictConfig:
     if CONFIG_KEY not in ckpt:
-        raise KeyError(f"checkpoint has no `{CONFIG_KEY}`: it was not written by ldm's fit task")
+        raise KeyError(f"checkpoint has no `{CONFIG_KEY}`: it was not written by ldm's fit or export task")
     return OmegaConf.create(ckpt[CONFIG_KEY])
 
 
-def load_module(path: str | Path) -> tuple[torch.nn.Module, DictConfig, dict[str, Any]]:
-    """Rebuild `cfg.model` from the checkpoint's stored config and load its weights (EMA included)."""
-    ckpt = read_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
-    model_cfg = cfg.model.copy()
+def build_module(ckpt: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild `cfg.model` from a checkpoint dict's stored config and load its weights (EMA included), eval mode."""
+    model_cfg = checkpoint_config(ckpt).model.copy()
     if ckpt.get(FIRST_STAGE_CONFIG_KEY) is not None:
         # build the first stage from its stored config; its weights come with this state_dict
         model_cfg.first_stage = ckpt[FIRST_STAGE_CONFIG_KEY]
+    for name in ckpt.get(EMA_FOLDED_KEY, []):  # the weights are the EMA ones already: no second copy
+        (model_cfg if name == "" else OmegaConf.select(model_cfg, name)).ema_decay = None
     module = safe_instantiate(model_cfg)
     module.load_state_dict(ckpt["state_dict"])
-    return module.eval(), cfg, ckpt
+    return module.eval()
+
+
+def load_module(path: str | Path) -> tuple[torch.nn.Module, DictConfig, dict[str, Any]]:
+    """The module, its training config and the checkpoint dict, from a .ckpt, .safetensors or sharded directory."""
+    ckpt = read_checkpoint(path)
+    return build_module(ckpt), checkpoint_config(ckpt), ckpt

@@ -13,12 +13,15 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
-    """All `step-XXXXXXXX.ckpt` files of a run, oldest first."""
+    """All `step-XXXXXXXX.ckpt` checkpoints of a run (files, or trainer=fsdp's sharded directories), oldest first."""
     return sorted(checkpoint_dir(run_dir).glob("step-*.ckpt"))
 
 
 def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start; refuse to start over existing checkpoints."""
+    """The checkpoint to resume from, or None for a fresh start; refuse to start over existing checkpoints.
+
+    `last.ckpt` is the newest by construction: periodic, final and requeue-signal saves all (re)write it.
+    """
     ckdir = checkpoint_dir(run_dir)
     last = ckdir / LAST
     existing = sorted(ckdir.glob("*.ckpt")) if ckdir.is_dir() else []
@@ -29,9 +32,11 @@ def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
                 f"silently: pick another `name=`, or move/delete {ckdir} yourself, or drop resume=false to continue."
             )
         return None
-    if last.is_file():
+    if last.exists():
         return last
-    if existing:  # last.ckpt missing but step checkpoints exist: continue from the newest of those
+    if step_checkpoints(run_dir):  # last.ckpt missing: the highest step (names are zero-padded)
+        return step_checkpoints(run_dir)[-1]
+    if existing:  # only e.g. best.ckpt
         return max(existing, key=lambda p: p.stat().st_mtime)
     return None
 
@@ -46,7 +51,7 @@ def resolve_checkpoint(run_dir: str | Path, ckpt: str) -> list[Path]:
     else:
         paths = [Path(ckpt)]
     for p in paths:
-        if not p.is_file():
+        if not p.exists():  # a file, or a sharded (trainer=fsdp) directory
             raise ConfigError(f"checkpoint not found: {p} (config key `ckpt`; train first or pass ckpt=PATH)")
     return paths
 

@@ -1,0 +1,44 @@
+"""task=export: a sharded (trainer=fsdp) checkpoint -> one .ckpt file; any checkpoint -> .safetensors weights
+(EMA by default) that carry their config, so `task=sample|evaluate ckpt=PATH` rebuilds the model from either."""
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ldm.utils.checkpoint import CONFIG_KEY, EMA_FOLDED_KEY, FIRST_STAGE_CONFIG_KEY, build_module, read_checkpoint
+from ldm.utils.checkpoint_io import atomic_torch_save
+from ldm.utils.consolidate import fold_ema, is_sharded_checkpoint, save_safetensors
+from ldm.utils.errors import ConfigError
+from ldm.utils.rundir import resolve_checkpoint
+
+# what a safetensors file keeps besides weights: enough to rebuild the model and label its samples
+METADATA_KEYS = (CONFIG_KEY, FIRST_STAGE_CONFIG_KEY, "first_stage_hash", "global_step", "epoch")
+
+
+def export_checkpoint(
+    path: str | Path, out_dir: str | Path, *, weights: str = "ema", safetensors: bool = True
+) -> list[Path]:
+    """Write `<out_dir>/step-XXXXXXXX.ckpt` (sharded input only: weights and metadata, no optimizer state) and
+    `<out_dir>/step-XXXXXXXX.safetensors` (weights="ema": EMA weights in place of the trained ones; "all": both)."""
+    if weights not in ("ema", "all"):
+        raise ConfigError(f"task.weights={weights!r}: ema | all")
+    ckpt = read_checkpoint(path)
+    stem = Path(out_dir) / f"step-{int(ckpt.get('global_step', 0)):08d}"
+    written = []
+    if is_sharded_checkpoint(path):
+        atomic_torch_save(ckpt, stem.with_suffix(".ckpt"))
+        written.append(stem.with_suffix(".ckpt"))
+    if safetensors:
+        state, folded = fold_ema(build_module(ckpt)) if weights == "ema" else (ckpt["state_dict"], [])
+        metadata = {k: ckpt[k] for k in METADATA_KEYS if k in ckpt} | {EMA_FOLDED_KEY: folded}
+        written.append(save_safetensors(stem.with_suffix(".safetensors"), state, metadata))
+    return written
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    t = cfg.task
+    written = []
+    for path in resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt)):
+        written += export_checkpoint(path, t.out_dir, weights=t.weights, safetensors=t.safetensors)
+    for path in written:
+        print(f"wrote {path}")
+    return written

@@ -1,0 +1,70 @@
+"""Evaluation: the shapes suite, task=evaluate over every checkpoint, and the eval-during-training callback."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_TXT2IMG, compose_run, restored_environ
+from ldm.eval.suites import ShapesSuite, _stack
+
+
+def test_shapes_suite_floor_is_perfect_and_a_prefix_is_scored_against_its_prompts(shapes_feature_weights):
+    suite = ShapesSuite(num_samples=40, resolution=32, seed=3, feature_weights=str(shapes_feature_weights))
+    floor = suite.floor()
+    assert {k: floor[k] for k in floor if k.startswith("acc_")} == {
+        "acc_color": 1.0, "acc_shape": 1.0, "acc_size": 1.0, "acc_position": 1.0, "acc_binding": 1.0,
+        "acc_object_count": 1.0}
+    assert 0 <= floor["fid_shapes"] < float("inf")
+    real = _stack(suite.prompts)["image"]
+    prefix = suite.score(real[:10])  # the first 10 prompts' images, as the callback samples them
+    assert prefix["acc_color"] == 1.0 and prefix["acc_position"] == 1.0
+    # RGB -> BGR turns red into blue and blue into red; green, white and (nearly) purple stay themselves
+    swapped = suite.score(real.flip(1))
+    assert swapped["acc_color"] < 0.8 and swapped["acc_shape"] == 1.0
+    shifted = suite.score(real[:, :, :, list(range(8, 32)) + list(range(8))])  # objects moved 8 px left
+    assert shifted["acc_position"] < 0.8
+
+
+@pytest.mark.slow
+def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_feature_weights, monkeypatch):
+    from ldm.tasks import evaluate, fit
+
+    overrides = [
+        f"paths.root_dir={tiny_runs.root}", "name=ldm_eval", "first_stage_name=ae", *TINY_TXT2IMG,
+        "trainer.max_steps=6", "checkpoint_every_n_steps=3", "trainer.val_check_interval=3",
+        "eval.resolution=16", "eval.num_samples=6", f"eval.feature_weights={shapes_feature_weights}",
+    ]
+    with restored_environ():
+        fit.run(compose_run("shapes_txt2img", [  # TINY_TXT2IMG drops the callback (32 px suite): add it back small
+            *overrides, "+callbacks.periodic_eval._target_=ldm.callbacks.periodic_eval.PeriodicEval",
+            "+callbacks.periodic_eval.suite=${eval}", "+callbacks.periodic_eval.out_dir=${paths.run_dir}/eval",
+            "+callbacks.periodic_eval.every_n_steps=3", "+callbacks.periodic_eval.num_samples=4",
+            "+callbacks.periodic_eval.steps=2",
+        ]))
+    eval_dir = tiny_runs.root / "experiments" / "ldm_eval" / "eval"
+    with open(eval_dir / "during_training.csv") as f:
+        during = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in during] == [3, 6]
+    for r in during:
+        assert int(r["num_samples"]) == 4
+        assert all(0.0 <= float(r[k]) <= 1.0 for k in r if k.startswith("acc_"))
+        assert float(r["fid_shapes"]) >= 0
+
+    eval_cfg = compose_run("shapes_txt2img", [*overrides, "task=evaluate", "ckpt=all", "task.steps=2",
+                                              "task.progress=false"])
+    rows = evaluate.run(eval_cfg)
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(r["tag"] == "euler-2-default-g3-ema-n6" for r in rows)
+    stored = json.loads((eval_dir / "metrics.json").read_text())
+    assert [(r["step"], r["acc_color"]) for r in stored] == [(r["step"], r["acc_color"]) for r in rows]
+    with open(eval_dir / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
+    assert (eval_dir / "metrics-euler-2-default-g3-ema-n6.png").stat().st_size > 0
+    assert json.loads((eval_dir / "floor-shapes.json").read_text())["acc_color"] == 1.0
+
+    # a second evaluation reuses the stored samples: no checkpoint is loaded, the numbers are the same
+    monkeypatch.setattr(evaluate, "load_module", lambda *a, **k: pytest.fail("samples were regenerated"))
+    again = evaluate.run(eval_cfg)
+    assert [r["acc_shape"] for r in again] == [r["acc_shape"] for r in rows]
+    assert torch.isfinite(torch.tensor([r["fid_shapes"] for r in again])).all()
