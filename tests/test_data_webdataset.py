@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from key_recorder import KeyRecorder
 from ldm.data.datamodule import ImageDataModule
 from ldm.data.stream_loader import StreamLoader
 from ldm.data.webdataset_images import WebImageDataset
@@ -151,28 +152,12 @@ def test_equalized_finite_pass_gives_every_rank_the_same_count(tmp_path):
         next(iter(WebImageDataset(urls, resolution=8, rank=5, world_size=6, epoch_samples=12)))
 
 
-class KeyRecorder(L.LightningModule):
-    """Records each training batch's keys; one weight so the optimizer has something to step."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.keys = []
-
-    def training_step(self, batch, batch_idx):
-        self.keys.append(list(batch["key"]))
-        return (self.w - batch["image"].mean()).square()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_stream_loader_resumes_with_the_next_pass_not_a_replay(shards, tmp_path):
     urls, _ = shards
 
     def fit(max_steps: int, root: Path, ckpt_path: Path | None = None) -> list[list[str]]:
         data = WebImageDataset(urls, resolution=8, resampled=True, epoch_samples=8, shuffle_buffer=4)
-        module = KeyRecorder()
+        module = KeyRecorder("image")
         every_step = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
         trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=root, callbacks=[every_step])

@@ -21,6 +21,7 @@ from hydra.errors import ConfigCompositionException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
+from key_recorder import KeyRecorder
 from ldm.data.latent_cache import ShardPlan, cache_latents, read_json
 from ldm.data.latents import LatentDataModule, LatentDataset, LatentSampler, ResumableDataLoader, sample_generator
 from ldm.data.shapes import ShapesDataset
@@ -457,24 +458,8 @@ def test_loader_resumes_mid_epoch_exactly(cache):
     assert after.sampler.epoch == 1 and len(batches_of(after, 10**6)) == 5
 
 
-class KeyRecorder(L.LightningModule):
-    """Records the keys of every training batch; a single weight so the optimizer has something to step."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.keys = []
-
-    def training_step(self, batch, batch_idx):
-        self.keys.append(list(batch["key"]))
-        return (self.w - batch["latent"].mean()).square()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def fit(datamodule, max_steps, root, ckpt_path=None):
-    module = KeyRecorder()
+    module = KeyRecorder("latent")
     every = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[every], limit_val_batches=0, default_root_dir=root)
