@@ -265,7 +265,8 @@ def test_ddp_on_cpu_splits_the_data_and_counts_steps_once(tiny_runs, tmp_path, m
         "+callbacks.keys._target_=test_latent_diffusion.RecordBatchKeys", f"+callbacks.keys.out_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"world size 2, global batch {2 * batch_size}" in result.stdout
+    assert "[fit] world size    2 = 2 devices" in result.stdout
+    assert f"[fit] global batch  {2 * batch_size} = {batch_size} per device x 2 ranks" in result.stdout
     ckpt = read_checkpoint(tiny_runs.root / "experiments" / "ddp" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == steps
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
