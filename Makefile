@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench
+.PHONY: venv demo digits test test-fast bench
 
 # Creates the environment if missing. The torch pin matches the wheels cached on the project's CI
 # machines; elsewhere pip falls back to the newest torch that pyproject allows (torch>=2.4).
@@ -25,6 +25,14 @@ demo: venv
 	$(BIN)/python main.py +experiment=shapes_txt2img task=sample
 	$(BIN)/python main.py +experiment=shapes_txt2img task=sample task.grid=sampler_x_steps
 	$(BIN)/python main.py +experiment=shapes_txt2img task=evaluate
+
+# Class-conditional pipeline on scikit-learn's real digits, same stages as the demo.
+digits: venv
+	$(BIN)/python main.py +experiment=digits_autoencoder
+	$(BIN)/python main.py +experiment=digits_autoencoder task=cache_latents
+	$(BIN)/python main.py +experiment=digits_class2img
+	$(BIN)/python main.py +experiment=digits_class2img task=sample
+	$(BIN)/python main.py +experiment=digits_class2img task=evaluate
 
 test: venv
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
