@@ -149,3 +149,13 @@ def tiny_runs(tmp_path_factory) -> TinyRuns:
         trainer = fit.run(compose_run("shapes_txt2img", [*ldm_overrides, f"trainer.max_steps={steps}",
                                                          "trainer.val_check_interval=6"]))
     return TinyRuns(root, ldm_overrides, steps, trainer)
+
+
+def pytest_addoption(parser):
+    # make test runs a CI-sized number of tries; the full rehearsal: pytest tests/faults/test_stops.py --stop-tries=20
+    parser.addoption("--stop-tries", type=int, default=2, help="tries of each stop-by-signal fault test")
+
+
+@pytest.fixture
+def stop_tries(request) -> int:
+    return request.config.getoption("--stop-tries")

@@ -10,12 +10,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ldm.diffusion.guidance import cfg_dropout
 from ldm.nn.conditioners import (
     ClassConditioner,
     OpenCLIPTextConditioner,
     TextTransformerConditioner,
     Unconditional,
-    cfg_dropout,
 )
 
 CONDITIONER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model" / "conditioner"
@@ -74,7 +74,7 @@ def test_unconditional():
     cond = Unconditional()
     assert cond.encode({"caption": ["a"]}) == {"context": None, "y": None}
     assert cond.null(4) == {"context": None, "y": None}
-    assert cond({"caption": ["a"]}, p_uncond=0.5) == {"context": None, "y": None}
+    assert cfg_dropout(cond({"caption": ["a"]}), cond.null(1), 0.5) == {"context": None, "y": None}
     assert cond.dims == {"context_dim": None, "y_dim": None}
 
 
@@ -97,11 +97,11 @@ def test_cfg_dropout_rate_is_p_and_per_sample():
         cfg_dropout(encoded, null, 1.5)
 
 
-def test_forward_applies_cfg_dropout_with_text_null():
+def test_cfg_dropout_with_text_null():
     torch.manual_seed(0)
     cond = TextTransformerConditioner(width=32, layers=1, heads=2, context_length=8)
     batch = {"caption": ["a red square"] * 64}
-    out = cond(batch, p_uncond=0.5, generator=torch.Generator().manual_seed(1))
+    out = cfg_dropout(cond(batch), cond.null(64), 0.5, generator=torch.Generator().manual_seed(1))
     null_row = cond.null(1)["context"][0]
     is_null = torch.tensor([torch.allclose(row, null_row) for row in out["context"]])
     assert 0 < is_null.sum() < 64

@@ -20,6 +20,7 @@ from ldm.diffusion.schedules import (
     sigma_to_t,
     t_to_sigma,
 )
+from ldm.diffusion.step_schedules import discrete_sigmas, flow_sigmas, karras_sigmas
 
 DIFFUSERS_SCHEDULES = {  # ours -> DDPMScheduler kwargs
     "linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
@@ -368,3 +369,17 @@ def test_tiny_training_reduces_loss(formulation):
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     # the weighted losses keep a large irreducible part (high noise), so the ideal gain is ~0.6x for v, ~0.3x for EDM
     assert math.isfinite(last) and last < 0.9 * first, (first, last)
+
+
+def test_each_formulation_owns_its_step_schedules():
+    vp, edm, flow = VPFormulation(), EDMFormulation(), FlowFormulation(t_max=0.99)
+    torch.testing.assert_close(vp.step_sigmas(10), discrete_sigmas(vp.sigmas_table, 10, "trailing"), rtol=0, atol=0)
+    torch.testing.assert_close(vp.step_sigmas(10, "leading"), discrete_sigmas(vp.sigmas_table, 10, "leading"))
+    torch.testing.assert_close(edm.step_sigmas(10), karras_sigmas(10, 0.002, 80.0))
+    torch.testing.assert_close(flow.step_sigmas(10), flow_sigmas(10, t_max=0.99))
+    torch.testing.assert_close(vp.step_sigmas(10, "flow"), flow_sigmas(10, t_max=0.999))
+    torch.testing.assert_close(flow.step_sigmas(10, "karras"), karras_sigmas(10, flow.sigma_min, flow.sigma_max))
+    with pytest.raises(ValueError, match="needs a discrete VP model, not EDMFormulation"):
+        edm.step_sigmas(10, "trailing")
+    with pytest.raises(ValueError, match="unknown step schedule 'cosine'"):
+        vp.step_sigmas(10, "cosine")

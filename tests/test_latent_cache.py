@@ -11,6 +11,7 @@ import tarfile
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -28,6 +29,7 @@ from ldm.data.shapes import ShapesDataset
 from ldm.eval.reconstruction import psnr
 from ldm.models.first_stage import first_stage_hash, load_first_stage, load_first_stage_with_config
 from ldm.tasks import cache_latents as task
+from ldm.tasks.fit import check_latent_cache
 from ldm.utils.errors import ConfigError
 from ldm.utils.safe_config import safe_instantiate
 
@@ -358,7 +360,7 @@ def test_other_autoencoder_refused(cache, first_stage, shapes, tmp_path):
         LatentDataset(cache, expected_first_stage_hash=first_stage_hash(other))
     LatentDataset(cache, expected_first_stage_hash=first_stage_hash(first_stage))
     with pytest.raises(ConfigError, match="encoded by first stage"):
-        LatentDataModule(str(cache), first_stage_ckpt=str(other_ckpt))
+        check_latent_cache(SimpleNamespace(first_stage=other), LatentDataModule(str(cache)))  # the fit wiring
     with pytest.raises(ConfigError, match="planned differently.*first_stage"):  # no mixing caches either
         write_cache(other, shapes, cache)
 

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.models.ema import EMA, ema_decay
-from ldm.utils.checkpoint_io import atomic_torch_save
+from ldm.utils.atomic import atomic_torch_save
 from ldm.utils.errors import ConfigError
 from ldm.utils.rundir import resolve_checkpoint, resume_checkpoint
 from ldm.utils.safe_config import check_targets, safe_instantiate
@@ -41,7 +41,7 @@ def test_atomic_save_survives_a_kill_mid_write(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import os, time, torch
-            from ldm.utils.checkpoint_io import atomic_torch_save
+            from ldm.utils.atomic import atomic_torch_save
             os.replace = lambda *a: (print("written", flush=True), time.sleep(600))
             atomic_torch_save({{"step": 2}}, {str(path)!r})
         """)],

@@ -3,6 +3,7 @@ batch independence, img2img, clear errors and the allow-listed rebuild."""
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -118,6 +119,20 @@ def test_img2img_departs_from_the_init_reconstruction_with_strength(tiny_runs, t
 
     near, mid, far = distance(0.05), distance(0.5), distance(1.0)  # mean uint8 levels
     assert near < mid < far and near < 0.5 * far, (near, mid, far)
+
+
+def test_init_image_is_centre_cropped_not_stretched(tmp_path):
+    """A landscape init image keeps its centred square, resized (a stand-in first stage returns its pixels)."""
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)  # H=32, W=48
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    module = SimpleNamespace(device="cpu", normalize=lambda z: z,
+                             first_stage=SimpleNamespace(encode=lambda x: SimpleNamespace(mean=x)))
+    exact = sample.encode_init_image(module, str(tmp_path / "wide.png"), 32)[0]
+    assert torch.equal(to_uint8(exact).permute(1, 2, 0), torch.from_numpy(wide[:, 8:40]))  # columns 8..39
+    smaller = sample.encode_init_image(module, str(tmp_path / "wide.png"), 16)[0]
+    manual = Image.fromarray(wide[:, 8:40]).resize((16, 16), Image.Resampling.BICUBIC)
+    assert torch.equal(to_uint8(smaller).permute(1, 2, 0), torch.from_numpy(np.array(manual)))
 
 
 def test_missing_prompts_names_the_keys(tiny_runs):

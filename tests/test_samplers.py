@@ -9,15 +9,16 @@ import torch
 from ldm.diffusion.guidance import CFGDenoiser
 from ldm.diffusion.noise import SampleNoise
 from ldm.diffusion.samplers import (
+    SAMPLER_ALIASES,
     SAMPLERS,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_euler,
-    sample_euler_ancestral,
     sample_flow_euler,
     sample_heun,
+    resolve_sampler,
 )
 from ldm.diffusion.step_schedules import (
     discrete_sigmas,
@@ -34,6 +35,7 @@ except ImportError:  # a dev extra: only the parity tests need it
 needs_diffusers = pytest.mark.skipif(diffusers is None, reason="diffusers (dev extra) is not installed")
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+sample_euler_ancestral = partial(sample_ddim, eta=1.0)  # what the alias "euler_ancestral" runs
 
 
 # ---------------------------------------------------------------- analytic denoisers (exact posterior means)
@@ -209,8 +211,8 @@ def test_sampler_identities():
 
 def test_registry_callback_and_contract():
     sigmas = karras_sigmas(5, SIGMA_MIN, SIGMA_MAX)
-    names = {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "flow_euler"}
-    assert set(SAMPLERS) == names
+    names = {"ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "flow_euler"}
+    assert set(SAMPLERS) == names and SAMPLER_ALIASES == {"euler_ancestral": ("ddim", {"eta": 1.0})}
     for name, sampler in SAMPLERS.items():
         seen = []
         x = SIGMA_MAX * SampleNoise([0, 1]).randn((4,), dtype=torch.float64)
@@ -219,6 +221,17 @@ def test_registry_callback_and_contract():
         assert [d["i"] for d in seen] == list(range(5)), name
         assert [d["sigma"] for d in seen] == pytest.approx(sigmas[:-1].tolist()), name
         assert all(d["x"].shape == d["denoised"].shape == x.shape for d in seen), name
+
+
+def test_an_alias_names_its_canonical_sampler_and_runs_it():
+    x, sigmas = SIGMA_MAX * SampleNoise([0, 1]).randn((4,), dtype=torch.float64), karras_sigmas(5, SIGMA_MIN, SIGMA_MAX)
+    with pytest.warns(UserWarning, match="'euler_ancestral' is 'ddim' with eta=1.0"):
+        alias = resolve_sampler("euler_ancestral")
+    assert torch.equal(alias(gaussian_denoiser, x, sigmas, generator=SampleNoise([0, 1])),
+                       sample_ddim(gaussian_denoiser, x, sigmas, generator=SampleNoise([0, 1]), eta=1.0))
+    assert resolve_sampler("heun") is sample_heun
+    with pytest.raises(ValueError, match="unknown sampler 'k_euler'.*euler_ancestral"):
+        resolve_sampler("k_euler")
 
 
 def test_bad_input_raises():

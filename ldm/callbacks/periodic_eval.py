@@ -5,7 +5,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import OmegaConf
 
-from ldm.tasks.sample import Job, render
+from ldm.models.generate import Job, render
 
 
 class PeriodicEval(L.Callback):

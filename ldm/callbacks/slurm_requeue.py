@@ -6,8 +6,7 @@ Until SLURM stops it (or the time limit, if the requeue failed) training goes on
 
 Lightning's own auto-requeue (`SLURMEnvironment(auto_requeue=True)`) saves inside the signal handler, that is at
 any point of a step (mid backward, mid collective), which can hang or store a half-updated state
-(Lightning-AI/pytorch-lightning#21406). Here the handler only sets a flag; after each optimizer step the ranks
-agree on it (one signalled rank is enough) and checkpoint together where periodic checkpoints are taken.
+(Lightning-AI/pytorch-lightning#21406). Here the ranks act together at a step boundary (signal_flag.py).
 """
 import logging
 import os
@@ -16,6 +15,8 @@ import subprocess
 from pathlib import Path
 
 import lightning as L
+
+from ldm.callbacks.signal_flag import SignalFlag
 
 log = logging.getLogger(__name__)
 
@@ -30,38 +31,15 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-class SlurmRequeue(L.Callback):
+class SlurmRequeue(SignalFlag):
     """On a requeue signal: all ranks save `checkpoint_path` after the next optimizer step; rank 0 requeues `job_id`."""
 
     def __init__(self, checkpoint_path: str | Path, job_id: str | None, signals: tuple[int, ...] = REQUEUE_SIGNALS):
-        self.checkpoint_path, self.job_id, self.signals = Path(checkpoint_path), job_id, tuple(signals)
-        self.signalled = False
-        self._previous_handlers: dict[int, object] = {}
-        self._step_at_batch_start = 0
+        super().__init__(signals)
+        self.checkpoint_path, self.job_id = Path(checkpoint_path), job_id
 
-    def _on_signal(self, signum: int, frame) -> None:
-        self.signalled = True  # nothing else: this runs between any two bytecodes of the training step
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        # Before DataLoader workers fork, so they inherit this harmless handler instead of the default (exit):
-        # SLURM signals every process of the job step.
-        if stage == "fit":
-            self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in self.signals}
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._step_at_batch_start = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._step_at_batch_start:
-            return  # still accumulating gradients: every rank reaches the optimizer step together
-        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
-            return
-        self.signalled = False
+    def on_signal_agreed(self, trainer: L.Trainer) -> None:
+        self.received = None
         trainer.save_checkpoint(self.checkpoint_path)  # every rank joins; the strategy writes (rank 0, atomically)
         if trainer.is_global_zero:
             log.info(f"requeue signal: saved {self.checkpoint_path} at step {trainer.global_step}")

@@ -16,11 +16,9 @@ def _count(n: int, noun: str) -> str:
 
 class StartupSummary(L.Callback):
     def __init__(self):
-        self.configured_lr: float | None = None
         self.printed = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.configured_lr = peak_lr(trainer)  # from configure_optimizers, before a checkpoint restores its own
         self.printed = False
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -45,10 +43,7 @@ class StartupSummary(L.Callback):
         lr = peak_lr(trainer)
         if lr is not None:
             scaled = " (scaled with the global batch)" if getattr(pl_module, "scale_lr", False) else ""
-            line = f"lr            {lr:.4g} peak{scaled}"
-            if self.configured_lr is not None and abs(lr - self.configured_lr) > 1e-12 * lr:
-                line += f", kept from the checkpoint (a fresh start at this world size: {self.configured_lr:.4g})"
-            lines.append(line)
+            lines.append(f"lr            {lr:.4g} peak{scaled}")
         if trainer.ckpt_path is None:
             lines.append("fresh start")
         else:

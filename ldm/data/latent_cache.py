@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import socket
 import tarfile
 import time
 import uuid
@@ -34,7 +33,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from ldm.utils.atomic import AtomicFile, atomic_write_json
 from ldm.utils.errors import ConfigError
+from ldm.utils.ownership import owner_gone, owner_record
 
 FORMAT = "ldm-latent-cache"
 VERSION = 1
@@ -95,33 +96,6 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_json(path: Path, obj: Any, exclusive: bool = False) -> bool:
-    """Write JSON to a temp file and rename it to `path`; with `exclusive`, only if `path` does not exist yet.
-
-    Returns False when `exclusive` and another process created `path` first (os.link never overwrites).
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        _fsync_write(tmp, json.dumps(obj, indent=1, sort_keys=True).encode())
-        if not exclusive:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_json(path: Path) -> dict | None:
     """The JSON object at `path`, or None when it is missing or not (yet) valid JSON."""
     try:
@@ -131,16 +105,6 @@ def read_json(path: Path) -> dict | None:
 
 
 # --- claims ---------------------------------------------------------------------------------------
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
 
 @dataclass
 class Claim:
@@ -178,15 +142,13 @@ def _latest_generation(claims_dir: Path, shard: int) -> int | None:
 
 
 def _claim_abandoned(path: Path, stale_after_s: float) -> bool:
-    """A claim is abandoned when its process is gone (same host) or its heartbeat is older than stale_after_s."""
+    """A claim is abandoned when its process is gone (same host: pid, pid start and boot id) or its heartbeat is
+    older than stale_after_s (another host)."""
     try:
         age_s = time.time() - path.stat().st_mtime
     except FileNotFoundError:  # released meanwhile: the next generation is free
         return True
-    owner = read_json(path)  # None while its writer is still filling it in
-    if owner is not None and owner.get("host") == socket.gethostname():
-        return not _process_alive(int(owner["pid"]))
-    return age_s > stale_after_s
+    return owner_gone(read_json(path), age_s, stale_after_s)  # None while its writer is still filling it in
 
 
 def try_claim(out_dir: Path, shard: int, stale_after_s: float) -> Claim | None:
@@ -206,7 +168,7 @@ def try_claim(out_dir: Path, shard: int, stale_after_s: float) -> Claim | None:
         return None
     tmp_name = f".{shard_name(shard)}.tar.tmp-{uuid.uuid4().hex}"
     with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "tmp": tmp_name}, f)
+        json.dump({**owner_record(), "tmp": tmp_name}, f)
     if stale is not None:  # the abandoned writer's half-written temp shard is garbage now
         previous = read_json(stale) or {}
         if previous.get("tmp"):
@@ -249,10 +211,9 @@ class ShardWriter:
     def __init__(self, out_dir: Path, plan: ShardPlan, claim: Claim, flip: bool):
         self.out_dir, self.plan, self.claim, self.flip = out_dir, plan, claim, flip
         self.indices = plan.indices(claim.shard)
-        self.tmp = out_dir / claim.tmp_name
-        self.file = open(self.tmp, "wb")
+        self.out = AtomicFile(out_dir / f"{shard_name(claim.shard)}.tar", tmp_name=claim.tmp_name)
         # USTAR headers with fixed mtime/owner: the same inputs give byte-identical shards
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(fileobj=self.out.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = self.seen = 0
         self.skipped: list[dict] = []
         self.latent_shape: list[int] | None = None
@@ -303,19 +264,16 @@ class ShardWriter:
     def commit(self) -> dict | None:
         """Close, fsync, rename into place, write the sidecar; None if another process took the shard over."""
         self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        self.out.sync()
         if self.claim.superseded():
-            self.tmp.unlink(missing_ok=True)
+            self.out.abort()
             return None
-        name = f"{shard_name(self.claim.shard)}.tar"
         sidecar = {
-            "name": name,
+            "name": self.out.path.name,
             "indices": [self.indices.start, self.indices.stop],
             "count": self.count,
-            "bytes": self.tmp.stat().st_size,
-            "sha256": sha256_file(self.tmp),
+            "bytes": self.out.tmp.stat().st_size,
+            "sha256": sha256_file(self.out.tmp),
             "skipped": self.skipped,
             "latent_shape": self.latent_shape,
             "stats": {
@@ -324,14 +282,14 @@ class ShardWriter:
                 "sum_sq": [] if self.sum_sq is None else self.sum_sq.tolist(),
             },
         }
-        os.replace(self.tmp, self.out_dir / name)
-        atomic_write_json(sidecar_path(self.out_dir, self.claim.shard), sidecar)  # the shard counts as done now
+        self.out.commit()
+        # the shard counts as done now
+        atomic_write_json(sidecar_path(self.out_dir, self.claim.shard), sidecar, indent=1, sort_keys=True)
         return sidecar
 
     def abort(self) -> None:
         self.tar.close()
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        self.out.abort()
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -420,7 +378,7 @@ def ensure_plan(out_dir: Path, plan: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CLAIMS).mkdir(exist_ok=True)
     plan = json.loads(json.dumps(plan, sort_keys=True))  # normalise (tuples -> lists) before comparing
-    if atomic_write_json(out_dir / PLAN, plan, exclusive=True):
+    if atomic_write_json(out_dir / PLAN, plan, indent=1, sort_keys=True, exclusive=True):
         return plan
     existing = read_json(out_dir / PLAN)
     if existing != plan:
@@ -486,7 +444,7 @@ def write_manifest_if_complete(out_dir: Path) -> Path | None:
         return None
     path, manifest = out_dir / MANIFEST, build_manifest(plan, sidecars)
     if read_json(path) != manifest:  # parallel finishers build the same manifest; only a changed one is rewritten
-        atomic_write_json(path, manifest)
+        atomic_write_json(path, manifest, indent=1, sort_keys=True)
     for leftover in (out_dir / CLAIMS).iterdir():  # claims left by processes killed between commit and release
         leftover.unlink(missing_ok=True)
     return path

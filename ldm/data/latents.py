@@ -17,7 +17,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ldm.data.latent_cache import FORMAT, MANIFEST, VERSION, read_json, sha256_file
-from ldm.models.first_stage import first_stage_hash, load_first_stage
 from ldm.utils.dist_env import dist_env
 from ldm.utils.errors import ConfigError
 
@@ -134,12 +133,8 @@ class LatentDataset(Dataset):
         self.path = Path(path).expanduser()
         self.manifest = read_manifest(self.path)
         self.first_stage_hash = self.manifest["first_stage"]["hash"]
-        if expected_first_stage_hash is not None and expected_first_stage_hash != self.first_stage_hash:
-            raise ConfigError(
-                f"latent cache {str(self.path)!r} was encoded by first stage {self.first_stage_hash[:16]}..., but this "
-                f"model decodes with {expected_first_stage_hash[:16]}...: its latents mean nothing to that decoder. "
-                "Re-run task=cache_latents with this autoencoder, or point the data at its cache."
-            )
+        if expected_first_stage_hash is not None:
+            self.check_first_stage(expected_first_stage_hash)
         self.flip, self.seed = flip and self.manifest["flip"], seed
         self.members = self.manifest["members"]
         self.latent_shape = tuple(self.manifest["latent_shape"])
@@ -147,6 +142,15 @@ class LatentDataset(Dataset):
         self.shard_paths = [self.path / s["name"] for s in self.manifest["shards"]]
         self._check_shards(verify)
         self._build_index()
+
+    def check_first_stage(self, first_stage_hash: str) -> None:
+        """Refuse a cache encoded by another first stage than the one (by weight hash) the model decodes with."""
+        if first_stage_hash != self.first_stage_hash:
+            raise ConfigError(
+                f"latent cache {str(self.path)!r} was encoded by first stage {self.first_stage_hash[:16]}..., but this "
+                f"model decodes with {first_stage_hash[:16]}...: its latents mean nothing to that decoder. "
+                "Re-run task=cache_latents with this autoencoder, or point the data at its cache."
+            )
 
     def _check_shards(self, verify: bool) -> None:
         """Sizes always (a cheap stat catches truncation), sha256 with `verify`."""
@@ -317,7 +321,6 @@ class LatentDataModule(L.LightningDataModule):
         flip: bool = True,
         verify: bool = False,
         expected_first_stage_hash: str | None = None,
-        first_stage_ckpt: str | None = None,
         seed: int = 0,
         val_batch_size: int | None = None,
         pin_memory: bool = True,
@@ -325,11 +328,6 @@ class LatentDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size <= 0 or num_workers < 0:
             raise ValueError(f"need batch_size > 0 and num_workers >= 0, got {batch_size=}, {num_workers=}")
-        if first_stage_ckpt is not None:  # the autoencoder the model decodes with: its cache must match
-            ckpt_hash = first_stage_hash(load_first_stage(first_stage_ckpt))
-            if expected_first_stage_hash not in (None, ckpt_hash):
-                raise ConfigError("data.expected_first_stage_hash disagrees with data.first_stage_ckpt; set only one")
-            expected_first_stage_hash = ckpt_hash
         for key, path in (("data.train_path", train_path), ("data.val_path", val_path)):
             if path is not None and not Path(path).expanduser().is_dir():
                 raise FileNotFoundError(f"latent cache {path!r} not found; set `{key}` (written by task=cache_latents)")
@@ -341,6 +339,12 @@ class LatentDataModule(L.LightningDataModule):
             self.val.scale, self.val.shift = self.train.scale, self.train.shift
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+
+    def check_first_stage(self, first_stage_hash: str) -> None:
+        """Refuse caches encoded by another first stage than the one (by weight hash) the model decodes with."""
+        for dataset in (self.train, self.val):
+            if dataset is not None:
+                dataset.check_first_stage(first_stage_hash)
 
     @property
     def scale(self) -> torch.Tensor:

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldm.utils.images import from_uint8
+
 CROPS = ("center", "random")
 
 
@@ -49,4 +51,4 @@ def uint8_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """uint8 [H,W,3] pixels -> float32 [3,H,W] in [-1, 1]."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected uint8 [H,W,3] pixels, got {pixels.dtype} {pixels.shape}")
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float() / 127.5 - 1.0
+    return from_uint8(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))))  # HWC -> CHW

@@ -10,7 +10,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from ldm.diffusion import noise_levels, precond, schedules
+from ldm.diffusion import noise_levels, precond, schedules, step_schedules
 from ldm.diffusion.precond import Coefficients
 from ldm.diffusion.weighting import PREDICTIONS, edm_weight, flow_velocity_weight, min_snr_weight, vp_uniform_weight
 
@@ -29,6 +29,8 @@ class Formulation(Protocol):
     ) -> Tensor: ...
 
     def loss_weight(self, sigma: Tensor) -> Tensor: ...
+
+    def step_sigmas(self, steps: int, schedule: str = "default") -> Tensor: ...
 
 
 def _check_offset_noise(offset_noise: float) -> float:
@@ -108,6 +110,13 @@ class VPFormulation:
             return min_snr_weight(sigma, self.min_snr_gamma)
         return vp_uniform_weight(sigma, self.prediction)
 
+    def step_sigmas(self, steps: int, schedule: str = "default") -> Tensor:
+        """Sampling sigmas then 0: table entries at spaced timesteps (default trailing), or karras/flow."""
+        schedule = "trailing" if schedule == "default" else schedule
+        if schedule in step_schedules.SPACINGS:
+            return step_schedules.discrete_sigmas(self.sigmas_table, steps, spacing=schedule)
+        return step_schedules.continuous_step_sigmas(schedule, steps, self.sigma_min, self.sigma_max)
+
 
 class EDMFormulation:
     """EDM (Karras et al. 2022): sigma_data preconditioning, log-normal training sigmas, lambda = 1 / c_out^2."""
@@ -145,6 +154,13 @@ class EDMFormulation:
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
         return edm_weight(sigma, self.sigma_data)
+
+    def step_sigmas(self, steps: int, schedule: str = "default") -> Tensor:
+        """Sampling sigmas then 0: karras (EDM eq. 5, the default) or flow."""
+        schedule = "karras" if schedule == "default" else schedule
+        return step_schedules.continuous_step_sigmas(
+            schedule, steps, self.sigma_min, self.sigma_max, model=type(self).__name__
+        )
 
 
 class FlowFormulation:
@@ -200,3 +216,10 @@ class FlowFormulation:
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """Velocity MSE: lambda = 1 / t^2."""
         return flow_velocity_weight(sigma)
+
+    def step_sigmas(self, steps: int, schedule: str = "default") -> Tensor:
+        """Sampling sigmas then 0: uniform in t up to t_max (flow, the default) or karras."""
+        schedule = "flow" if schedule == "default" else schedule
+        return step_schedules.continuous_step_sigmas(
+            schedule, steps, self.sigma_min, self.sigma_max, flow_t_max=self.t_max, model=type(self).__name__
+        )

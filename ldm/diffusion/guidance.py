@@ -1,8 +1,34 @@
-"""Classifier-free guidance as a denoiser wrapper (Ho & Salimans 2022), with rescale and a guidance interval."""
+"""Classifier-free guidance (Ho & Salimans 2022): condition dropout in training, and at sampling a denoiser
+wrapper combining the conditional and unconditional predictions, with rescale and a guidance interval."""
 
 import torch
 
-from ldm.diffusion.samplers import Denoiser
+from ldm.diffusion.samplers import DenoiserFn
+
+
+def cfg_dropout(cond: dict, null: dict, p: float = 0.1, generator: torch.Generator | None = None) -> dict:
+    """Classifier-free guidance training dropout (Ho & Salimans 2022): per sample, with probability p,
+    replace the whole condition (context and y together) by the null condition."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"cfg dropout probability must be in [0, 1], got {p}")
+    present = [v for v in cond.values() if v is not None]
+    if not present:
+        return dict(cond)
+    batch_size, device = present[0].shape[0], present[0].device
+    u = torch.rand(batch_size, generator=generator, device=generator.device if generator is not None else device)
+    drop = u.to(device) < p  # [B]
+    out = {}
+    for key, value in cond.items():
+        if value is None:
+            out[key] = None
+            continue
+        null_value = null.get(key)
+        if null_value is None or null_value.shape != value.shape:
+            got = None if null_value is None else tuple(null_value.shape)
+            raise ValueError(f"null condition for {key!r} must have shape {tuple(value.shape)}, got {got}")
+        keep_shape = (batch_size,) + (1,) * (value.ndim - 1)
+        out[key] = torch.where(drop.view(keep_shape), null_value.to(value.dtype), value)
+    return out
 
 
 def _concat_cond(cond: dict, uncond: dict, batch_size: int) -> dict:
@@ -45,7 +71,7 @@ class CFGDenoiser:
 
     def __init__(
         self,
-        denoiser: Denoiser,
+        denoiser: DenoiserFn,
         scale: float,
         uncond: dict,
         rescale: float = 0.0,

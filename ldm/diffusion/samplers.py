@@ -11,13 +11,15 @@ No gradient mode is set: wrap calls in torch.inference_mode() unless you differe
 """
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
 from ldm.diffusion.noise import SampleNoise, randn_like
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, dict | None], torch.Tensor]
+DenoiserFn = Callable[[torch.Tensor, torch.Tensor, dict | None], torch.Tensor]  # D(x, sigma, cond) -> x0_hat
 Callback = Callable[[dict], None]
 
 
@@ -32,7 +34,7 @@ def _sigma_list(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
     return s.tolist()
 
 
-def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float, cond: dict | None) -> torch.Tensor:
+def _denoise(denoiser: DenoiserFn, x: torch.Tensor, sigma: float, cond: dict | None) -> torch.Tensor:
     # sigma is at least float32 even for half-precision x: a discrete model looks its timestep up by sigma
     dtype = torch.promote_types(x.dtype, torch.float32)
     return denoiser(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=dtype), cond)
@@ -76,7 +78,7 @@ def _churn_gamma(sigma: float, n: int, s_churn: float, s_tmin: float, s_tmax: fl
 
 
 def sample_euler(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     *,
@@ -100,7 +102,7 @@ def sample_euler(
 
 
 def sample_heun(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     *,
@@ -131,7 +133,7 @@ def sample_heun(
 
 
 def sample_ddim(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     *,
@@ -156,22 +158,8 @@ def sample_ddim(
     return x
 
 
-def sample_euler_ancestral(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor | Sequence[float],
-    *,
-    cond: dict | None = None,
-    callback: Callback | None = None,
-    generator: SampleNoise | None = None,
-    eta: float = 1.0,
-) -> torch.Tensor:
-    """Euler ancestral (k-diffusion): an Euler step to sigma_down, then noise sigma_up; the DDIM update with eta."""
-    return sample_ddim(denoiser, x, sigmas, cond=cond, callback=callback, generator=generator, eta=eta)
-
-
 def sample_ddpm(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     *,
@@ -197,7 +185,7 @@ def sample_ddpm(
 
 
 def sample_dpmpp_2m(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     *,
@@ -226,7 +214,7 @@ def sample_dpmpp_2m(
 
 
 def sample_dpmpp_2m_sde(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     *,
@@ -260,7 +248,7 @@ def sample_dpmpp_2m_sde(
 
 
 def sample_flow_euler(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     *,
@@ -289,9 +277,25 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "flow_euler": sample_flow_euler,
 }
+
+# Other names users know, as (canonical name, options); resolve_sampler says which it runs.
+SAMPLER_ALIASES: dict[str, tuple[str, dict]] = {
+    "euler_ancestral": ("ddim", {"eta": 1.0}),  # k-diffusion's Euler ancestral is the DDIM update with eta
+}
+
+
+def resolve_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler function for a canonical name, or for an alias (with its options bound, and a warning naming it)."""
+    if name in SAMPLER_ALIASES:
+        canonical, options = SAMPLER_ALIASES[name]
+        settings = "".join(f" {k}={v}" for k, v in options.items())
+        warnings.warn(f"sampler {name!r} is {canonical!r} with{settings}: running that", stacklevel=2)
+        return partial(SAMPLERS[canonical], **options)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)} or {sorted(SAMPLER_ALIASES)}")
+    return SAMPLERS[name]

@@ -8,7 +8,8 @@ import math
 
 import torch
 
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace")  # discrete VP models only
+SCHEDULES = ("default", *SPACINGS, "karras", "flow")  # "default": the formulation's usual choice
 
 
 def _check_steps(n: int) -> None:
@@ -93,3 +94,16 @@ def flow_sigmas(n: int, shift: float = 1.0, t_max: float = 0.999) -> torch.Tenso
     t = torch.linspace(t_max, 0, n + 1, dtype=torch.float64)
     t = shift * t / (1 + (shift - 1) * t)  # shift > 1 spends more steps at high noise
     return t / (1 - t)
+
+
+def continuous_step_sigmas(
+    schedule: str, n: int, sigma_min: float, sigma_max: float, flow_t_max: float = 0.999, model: str = "this model"
+) -> torch.Tensor:
+    """The schedules every formulation offers: karras (Karras et al. 2022, eq. 5) over its sigma range, or flow."""
+    if schedule == "karras":
+        return karras_sigmas(n, sigma_min, min(sigma_max, 1e4))
+    if schedule == "flow":
+        return flow_sigmas(n, t_max=flow_t_max)
+    if schedule in SPACINGS:
+        raise ValueError(f"schedule {schedule!r} needs a discrete VP model, not {model}")
+    raise ValueError(f"unknown step schedule {schedule!r}: {' | '.join(SCHEDULES)}")

@@ -1,7 +1,6 @@
 """Inception-v3 features for FID/KID as torch-fidelity computes them, and cached reference statistics per dataset."""
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
 
 from ldm.eval.frechet import feature_stats
+from ldm.utils.atomic import atomic_write
 from ldm.utils.errors import ConfigError, missing_file
 from ldm.utils.images import to_uint8
 
@@ -127,8 +127,6 @@ def reference_stats(
             return ReferenceStats(features=cached["features"], mu=cached["mu"], sigma=cached["sigma"])
     features = extract_features(extract, batches, device).numpy()
     mu, sigma = feature_stats(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")  # written then renamed: a killed run leaves no half file
-    np.savez(tmp, features=features, mu=mu, sigma=sigma, dataset_config=np.array(_config_json(dataset_config)))
-    os.replace(tmp, path)
+    config = np.array(_config_json(dataset_config))
+    atomic_write(path, lambda f: np.savez(f, features=features, mu=mu, sigma=sigma, dataset_config=config))
     return ReferenceStats(features=features, mu=mu, sigma=sigma)

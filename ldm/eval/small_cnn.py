@@ -5,13 +5,14 @@ the distance reflects what the dataset is about. Training is seeded and cached t
 comparable when they are computed with the same file, as Inception FIDs are with the same Inception weights
 (retraining on another machine can differ in the last bits, and so in the FID's).
 """
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.utils.atomic import atomic_torch_save
 
 INPUT_SIZE = 32  # inputs are box-filtered down to 32 px, so one network serves 32 and 64 px datasets
 
@@ -110,8 +111,5 @@ def load_or_train(
     with torch.random.fork_rng(devices=[]):  # initialisation seeded here, the caller's RNG untouched
         torch.manual_seed(0)
         net = train(build())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # written then renamed: a killed run leaves no half file
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(net.state_dict(), path)
     return net

@@ -1,26 +1,15 @@
-"""From conditions and seeds to latents: default step schedules per formulation, guidance, sampler call."""
-import torch
+"""Generation: from conditions and seeds to latents (step schedule, guidance, sampler call), and from a list of
+jobs (condition, seed, sampler settings) to images with a trained module; used by tasks and callbacks alike."""
+import itertools
+from dataclasses import dataclass
 
-from ldm.diffusion.formulations import EDMFormulation, FlowFormulation, VPFormulation
+import torch
+from omegaconf import DictConfig
+from rich.progress import track
+
 from ldm.diffusion.guidance import CFGDenoiser
 from ldm.diffusion.noise import SampleNoise
-from ldm.diffusion.samplers import SAMPLERS
-from ldm.diffusion.step_schedules import discrete_sigmas, flow_sigmas, karras_sigmas
-
-
-def step_sigmas(formulation, steps: int, schedule: str = "default") -> torch.Tensor:
-    """Descending sigmas (ending in 0) for `steps` sampler steps; `default` is each family's usual choice."""
-    if schedule == "default":
-        schedule = {VPFormulation: "trailing", EDMFormulation: "karras", FlowFormulation: "flow"}[type(formulation)]
-    if schedule in ("leading", "trailing", "linspace"):
-        if not isinstance(formulation, VPFormulation):
-            raise ValueError(f"schedule {schedule!r} needs a discrete VP model, not {type(formulation).__name__}")
-        return discrete_sigmas(formulation.sigmas_table, steps, spacing=schedule)
-    if schedule == "karras":
-        return karras_sigmas(steps, formulation.sigma_min, min(formulation.sigma_max, 1e4))
-    if schedule == "flow":
-        return flow_sigmas(steps, t_max=formulation.t_max if isinstance(formulation, FlowFormulation) else 0.999)
-    raise ValueError(f"unknown step schedule {schedule!r}: default | leading | trailing | linspace | karras | flow")
+from ldm.diffusion.samplers import resolve_sampler
 
 
 @torch.no_grad()
@@ -48,11 +37,10 @@ def generate_latents(
     img2img (SDEdit, Meng et al. 2022): with `init` latents, noise them to the sigma reached after
     (1 - strength) of the steps and denoise from there with the same sampler.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    sample = resolve_sampler(sampler)
     if not 0 < strength <= 1:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
-    sigmas = step_sigmas(formulation, steps, schedule).to(device)
+    sigmas = formulation.step_sigmas(steps, schedule).to(device)
     noise = SampleNoise(seeds)
     x = noise.randn(latent_shape, device=device)
     if init is None:
@@ -64,4 +52,44 @@ def generate_latents(
         if uncond is None:
             raise ValueError("guidance_scale != 1 needs an unconditional branch (conditioner.null)")
         denoiser = CFGDenoiser(denoiser, guidance_scale, uncond, guidance_rescale, guidance_interval)
-    return SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, generator=noise, **sampler_opts)
+    return sample(denoiser, x, sigmas, cond=cond, generator=noise, **sampler_opts)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image: its condition, seed and sampler settings (one line of samples.jsonl)."""
+
+    prompt: str
+    label: int
+    seed: int
+    sampler: str
+    steps: int
+    guidance: float
+
+    def file_name(self, index: int) -> str:
+        return f"{index:05d}-seed{self.seed}-{self.sampler}-{self.steps}-g{self.guidance:g}.png"
+
+
+def render(module, jobs: list[Job], t: DictConfig, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Images [N,3,H,W] for the jobs, batched by identical sampler settings (noise is per seed, so batching
+    never changes an image)."""
+    out: list[torch.Tensor | None] = [None] * len(jobs)
+    key = lambda i: (jobs[i].sampler, jobs[i].steps, jobs[i].guidance)  # noqa: E731
+    order = sorted(range(len(jobs)), key=key)
+    batches = []
+    for _, group in itertools.groupby(order, key=key):
+        group = list(group)
+        batches += [group[i : i + t.batch_size] for i in range(0, len(group), t.batch_size)]
+    for batch in track(batches, description="sampling", disable=not t.progress):
+        first = jobs[batch[0]]
+        cond = module.sample_batch([jobs[i].prompt for i in batch], [jobs[i].label for i in batch])
+        if not any(cond["caption"]):
+            cond["caption"] = [""] * len(batch)
+        images = module.sample(
+            cond, [jobs[i].seed for i in batch], use_ema=t.use_ema, sampler=first.sampler, steps=first.steps,
+            schedule=t.schedule, guidance_scale=first.guidance, guidance_rescale=t.guidance_rescale,
+            init=None if init is None else init.expand(len(batch), -1, -1, -1), strength=t.strength,
+        )
+        for i, image in zip(batch, images.cpu()):
+            out[i] = image
+    return torch.stack(out)

@@ -10,13 +10,13 @@ from torch.distributed.tensor import DTensor
 
 from ldm.data.latents import LatentDataModule
 from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.guidance import cfg_dropout
 from ldm.diffusion.loss import denoising_loss, sigma_buckets
 from ldm.models.ema import EMA
 from ldm.models.first_stage import FIRST_STAGE_CONFIG_KEY, first_stage_hash
 from ldm.models.fsdp import FSDP2Strategy
 from ldm.models.generate import generate_latents
 from ldm.models.step_seed import step_generator
-from ldm.nn.conditioners import cfg_dropout
 
 
 class NonFiniteLossError(RuntimeError):

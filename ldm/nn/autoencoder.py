@@ -77,7 +77,7 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-class Downsample(nn.Module):
+class PadDownsample(nn.Module):
     """Stride-2 3x3 conv; padding only right/bottom so an even H, W halves exactly (as in LDM)."""
 
     def __init__(self, channels: int) -> None:
@@ -164,7 +164,7 @@ class Encoder(nn.Module):
                 out_channels=width,
                 num_blocks=num_res_blocks,
                 attention=i in attn_levels,
-                resample=Downsample(width) if i < last else nn.Identity(),
+                resample=PadDownsample(width) if i < last else nn.Identity(),
                 dropout=dropout,
             )
             for i, width in enumerate(widths)

@@ -23,33 +23,8 @@ from ldm.nn.embeddings import LabelEmbedding
 Cond = dict[str, Tensor | None]
 
 
-def cfg_dropout(cond: Cond, null: Cond, p: float = 0.1, generator: torch.Generator | None = None) -> Cond:
-    """Classifier-free guidance training dropout (Ho & Salimans 2022): per sample, with probability p,
-    replace the whole condition (context and y together) by the null condition."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"cfg dropout probability must be in [0, 1], got {p}")
-    present = [v for v in cond.values() if v is not None]
-    if not present:
-        return dict(cond)
-    batch_size, device = present[0].shape[0], present[0].device
-    u = torch.rand(batch_size, generator=generator, device=generator.device if generator is not None else device)
-    drop = u.to(device) < p  # [B]
-    out = {}
-    for key, value in cond.items():
-        if value is None:
-            out[key] = None
-            continue
-        null_value = null.get(key)
-        if null_value is None or null_value.shape != value.shape:
-            got = None if null_value is None else tuple(null_value.shape)
-            raise ValueError(f"null condition for {key!r} must have shape {tuple(value.shape)}, got {got}")
-        keep_shape = (batch_size,) + (1,) * (value.ndim - 1)
-        out[key] = torch.where(drop.view(keep_shape), null_value.to(value.dtype), value)
-    return out
-
-
 class Conditioner(nn.Module):
-    """Base class: encode(batch) and null(batch_size) -> dict(context, y); forward adds CFG dropout."""
+    """Base class: encode(batch) and null(batch_size) -> dict(context, y); forward is encode."""
 
     context_dim: int | None = None
     y_dim: int | None = None
@@ -65,13 +40,9 @@ class Conditioner(nn.Module):
     def null(self, batch_size: int) -> Cond:
         raise NotImplementedError
 
-    def forward(self, batch: dict, p_uncond: float = 0.0, generator: torch.Generator | None = None) -> Cond:
-        """Encode the batch; during training pass p_uncond > 0 for classifier-free guidance dropout."""
-        cond = self.encode(batch)
-        if p_uncond == 0.0:
-            return cond
-        batch_size = next((v.shape[0] for v in cond.values() if v is not None), None)
-        return cond if batch_size is None else cfg_dropout(cond, self.null(batch_size), p_uncond, generator)
+    def forward(self, batch: dict) -> Cond:
+        """The batch's condition, `encode(batch)` (guidance dropout is ldm.diffusion.guidance.cfg_dropout)."""
+        return self.encode(batch)
 
 
 def _captions(batch: dict) -> list[str]:

@@ -3,12 +3,12 @@
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.nn.attention import SpatialTransformer
+from ldm.nn.autoencoder import Upsample
 from ldm.nn.embeddings import MLPEmbedder, TimestepEmbedder, check_conditioning
 
 
@@ -56,17 +56,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class EmbedSequential(nn.Sequential):

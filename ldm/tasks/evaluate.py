@@ -1,6 +1,7 @@
 """task=evaluate: sample with fixed seeds from one or every checkpoint, score with the experiment's suite,
 write `eval/metrics.{csv,json}` (one row per checkpoint step) and, for ckpt=all, a plot per metric."""
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ldm.tasks.sample import Job, render
+from ldm.models.generate import Job, render
+from ldm.utils.atomic import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
 from ldm.utils.checkpoint import load_module
-from ldm.utils.checkpoint_io import atomic_torch_save
 from ldm.utils.errors import ConfigError
+from ldm.utils.images import from_uint8, to_uint8
 from ldm.utils.rundir import resolve_checkpoint
 
 SETTINGS = ("sampler", "steps", "schedule", "guidance_scale", "use_ema")
@@ -27,7 +29,7 @@ def samples_for(path: Path, t: DictConfig, suite, out: Path) -> tuple[torch.Tens
     """Generated images for one checkpoint, reused from `out` when this checkpoint was already sampled."""
     if out.is_file():
         cached = torch.load(out, weights_only=True)
-        return cached["images"].float() / 127.5 - 1, int(cached["step"])
+        return from_uint8(cached["images"]), int(cached["step"])
     module, _, ckpt = load_module(path)
     module.to("cuda" if torch.cuda.is_available() else "cpu")
     prompts, labels = suite.conditions()
@@ -36,19 +38,19 @@ def samples_for(path: Path, t: DictConfig, suite, out: Path) -> tuple[torch.Tens
                 t.guidance_scale) for i in range(n)]
     images = render(module, jobs, t)
     step = int(ckpt.get("global_step", 0))
-    atomic_torch_save({"images": ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), "step": step}, out)
+    atomic_torch_save({"images": to_uint8(images), "step": step}, out)
     return images, step
 
 
 def write_tables(rows: list[dict], eval_dir: Path) -> None:
     """metrics.json and metrics.csv, one row per (checkpoint step, sampling settings), sorted by step."""
     rows = sorted(rows, key=lambda r: (r["tag"], r["step"]))
-    (eval_dir / "metrics.json").write_text(json.dumps(rows, indent=2))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(eval_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_json(eval_dir / "metrics.json", rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(eval_dir / "metrics.csv", table.getvalue())
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -65,7 +67,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(name)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -93,7 +95,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
     floor_path = eval_dir / f"floor-{suite.name}.json"
     floor = json.loads(floor_path.read_text()) if floor_path.is_file() else suite.floor()
-    floor_path.write_text(json.dumps(floor, indent=2))
+    atomic_write_json(floor_path, floor)
 
     old = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else []
     rows = []

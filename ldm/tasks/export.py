@@ -5,7 +5,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ldm.utils.checkpoint import CONFIG_KEY, EMA_FOLDED_KEY, FIRST_STAGE_CONFIG_KEY, build_module, read_checkpoint
-from ldm.utils.checkpoint_io import atomic_torch_save
+from ldm.utils.atomic import atomic_torch_save
 from ldm.utils.consolidate import fold_ema, is_sharded_checkpoint, save_safetensors
 from ldm.utils.errors import ConfigError
 from ldm.utils.rundir import resolve_checkpoint

@@ -3,6 +3,9 @@
 Every launch path runs this same function in each rank: one process with Lightning's launcher (it starts the
 other ranks), torchrun, srun (sbatch or submitit). All ranks address the same run directory; rank 0 alone writes.
 """
+import signal
+import sys
+
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -10,12 +13,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.callbacks.configured_hyperparameters import ConfiguredHyperparameters
 from ldm.callbacks.final_checkpoint import FinalCheckpoint
 from ldm.callbacks.slurm_requeue import SlurmRequeue, slurm_job_id
 from ldm.callbacks.startup_summary import StartupSummary
+from ldm.callbacks.stop_on_signal import StopOnSignal
 from ldm.callbacks.store_config import StoreConfig
+from ldm.data.latents import LatentDataModule
+from ldm.models.first_stage import first_stage_hash
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
-from ldm.utils.rundir import LAST, checkpoint_dir, resume_checkpoint, save_run_config
+from ldm.utils.dist_env import dist_env
+from ldm.utils.rundir import LAST, checkpoint_dir, remove_temp_files, resume_checkpoint, save_run_config
+from ldm.utils.resume_config import check_resume_config, record_changes
+from ldm.utils.run_lock import RunLock
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
@@ -40,12 +50,15 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
     else:
         checkpoints = [checkpoints]
     checkpoints.append(FinalCheckpoint(checkpoint_dir(run_dir), checkpoints[0]))
-    callbacks = [*checkpoints, StoreConfig(OmegaConf.to_container(cfg, resolve=True)), StartupSummary(),
+    callbacks = [*checkpoints, StoreConfig(OmegaConf.to_container(cfg, resolve=True)), ConfiguredHyperparameters(),
+                 StartupSummary(),
                  *extra_callbacks]
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # tasks started by srun (sbatch, submitit): SlurmRequeue replaces Lightning's
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        callbacks.append(SlurmRequeue(checkpoint_dir(run_dir) / LAST, slurm_job_id()))
+        callbacks += [SlurmRequeue(checkpoint_dir(run_dir) / LAST, slurm_job_id()), StopOnSignal((signal.SIGTERM,))]
+    else:
+        callbacks.append(StopOnSignal())
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     return instantiate(
@@ -53,15 +66,43 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
     )
 
 
+def check_latent_cache(model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """A latent cache must be encoded by the first stage the model decodes with: compare their weight hashes
+    (the manifest's against the model's loaded first stage, so its checkpoint is read once)."""
+    first_stage = getattr(model, "first_stage", None)
+    if first_stage is not None and isinstance(datamodule, LatentDataModule):
+        datamodule.check_first_stage(first_stage_hash(first_stage))
+
+
 def run(cfg: DictConfig) -> L.Trainer:
+    # one process group per run directory: rank 0 holds the lock for the job (the other ranks are its own)
+    if dist_env().rank != 0:
+        return _fit(cfg)
+    with RunLock(cfg.paths.run_dir, cfg.lock_stale_s):
+        if left := remove_temp_files(cfg.paths.run_dir):
+            print(f"[fit] removed {len(left)} temp file(s) of an interrupted write: {', '.join(p.name for p in left)}")
+        return _fit(cfg)
+
+
+def _fit(cfg: DictConfig) -> L.Trainer:
     ckpt_path = resume_checkpoint(cfg.paths.run_dir, cfg.resume)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    changes = check_resume_config(cfg.paths.run_dir, resolved, ckpt_path, cfg.resume_force) if ckpt_path else {}
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls/convs on Ampere+ in TF32: ~same loss, much faster
     torch.backends.cudnn.allow_tf32 = True
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    check_latent_cache(model, datamodule)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:  # once the Trainer exists its rank is right under every launcher
+        record_changes(cfg.paths.run_dir, changes, ckpt_path)
         save_run_config(cfg, cfg.paths.run_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # a resume runs no code
+    [stop] = [c for c in trainer.callbacks if isinstance(c, StopOnSignal)]
+    if stop.stopped_by is not None:
+        name = signal.Signals(stop.stopped_by).name
+        print(f"[fit] stopped by {name} at step {trainer.global_step}, checkpoint saved: re-run the same command to "
+              f"resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.stopped_by)
     return trainer

@@ -1,36 +1,20 @@
 """task=sample: images, `samples.jsonl` and labelled grids from a checkpoint alone (EMA weights by default)."""
-import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from rich.progress import track
 
+from ldm.data.transforms import load_rgb, prepare_image
+from ldm.models.generate import Job, render
+from ldm.utils.atomic import atomic_write_json, atomic_write_text
 from ldm.utils.checkpoint import load_module
 from ldm.utils.dist_env import dist_env
 from ldm.utils.errors import ConfigError, missing_file
 from ldm.utils.images import save_png, to_uint8
 from ldm.utils.labeled_grid import labeled_grid, save_grid
 from ldm.utils.rundir import resolve_checkpoint
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image: its condition, seed and sampler settings (one line of samples.jsonl)."""
-
-    prompt: str
-    label: int
-    seed: int
-    sampler: str
-    steps: int
-    guidance: float
-
-    def file_name(self, index: int) -> str:
-        return f"{index:05d}-seed{self.seed}-{self.sampler}-{self.steps}-g{self.guidance:g}.png"
 
 
 def read_conditions(cfg: DictConfig) -> tuple[list[str], list[int]]:
@@ -68,37 +52,14 @@ def grid_jobs(t: DictConfig, prompts: list[str], labels: list[int]) -> tuple[lis
     raise ConfigError(f"unknown task.grid {t.grid!r}: none | prompts_x_seeds | prompt_x_guidance | sampler_x_steps")
 
 
-def render(module, jobs: list[Job], t: DictConfig, init: torch.Tensor | None = None) -> torch.Tensor:
-    """Images [N,3,H,W] for the jobs, batched by identical sampler settings (noise is per seed, so batching
-    never changes an image)."""
-    out: list[torch.Tensor | None] = [None] * len(jobs)
-    key = lambda i: (jobs[i].sampler, jobs[i].steps, jobs[i].guidance)  # noqa: E731
-    order = sorted(range(len(jobs)), key=key)
-    batches = []
-    for _, group in itertools.groupby(order, key=key):
-        group = list(group)
-        batches += [group[i : i + t.batch_size] for i in range(0, len(group), t.batch_size)]
-    for batch in track(batches, description="sampling", disable=not t.progress):
-        first = jobs[batch[0]]
-        cond = module.sample_batch([jobs[i].prompt for i in batch], [jobs[i].label for i in batch])
-        if not any(cond["caption"]):
-            cond["caption"] = [""] * len(batch)
-        images = module.sample(
-            cond, [jobs[i].seed for i in batch], use_ema=t.use_ema, sampler=first.sampler, steps=first.steps,
-            schedule=t.schedule, guidance_scale=first.guidance, guidance_rescale=t.guidance_rescale,
-            init=None if init is None else init.expand(len(batch), -1, -1, -1), strength=t.strength,
-        )
-        for i, image in zip(batch, images.cpu()):
-            out[i] = image
-    return torch.stack(out)
-
-
 def encode_init_image(module, path: str, resolution: int) -> torch.Tensor:
-    """img2img: an image file -> normalised latent [1, C, h, w] (posterior mean)."""
+    """img2img: an image file -> normalised latent [1, C, h, w] (posterior mean).
+
+    The image is prepared like training data: its centred square, resized to `resolution` (never stretched).
+    """
     if not Path(path).is_file():
         raise missing_file(path, "task.init_image", "init image")
-    image = Image.open(path).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy of the pixels
+    x = prepare_image(load_rgb(path), resolution, crop="center")
     with torch.no_grad():
         return module.normalize(module.first_stage.encode(x[None].to(module.device)).mean)
 
@@ -129,20 +90,20 @@ def run(cfg: DictConfig) -> Path:
     mine = list(range(rank, len(jobs), world))  # several GPUs: rank r renders jobs r, r+W, ...
     images = render(module, [jobs[i] for i in mine], t, init)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / (f"samples.rank{rank}.jsonl" if world > 1 else "samples.jsonl"), "w") as f:
-        for i, image in zip(mine, images):
-            name = jobs[i].file_name(i)
-            save_png(to_uint8(image).permute(1, 2, 0), out_dir / name)
-            record = dict(file=name, **asdict(jobs[i]), schedule=t.schedule, ckpt=str(ckpt_path), ckpt_step=step,
-                          ema=t.use_ema, strength=t.strength if init is not None else None)
-            f.write(json.dumps(record) + "\n")
+    lines = []
+    for i, image in zip(mine, images):
+        name = jobs[i].file_name(i)
+        save_png(to_uint8(image).permute(1, 2, 0), out_dir / name)
+        record = dict(file=name, **asdict(jobs[i]), schedule=t.schedule, ckpt=str(ckpt_path), ckpt_step=step,
+                      ema=t.use_ema, strength=t.strength if init is not None else None)
+        lines.append(json.dumps(record) + "\n")
+    atomic_write_text(out_dir / (f"samples.rank{rank}.jsonl" if world > 1 else "samples.jsonl"), "".join(lines))
     if t.grid != "none" and world == 1:
         tiles = images.reshape(len(rows), len(rows[0]), *images.shape[1:])
         written = save_grid(labeled_grid(tiles, row_labels, col_labels, scale=t.grid_scale), out_dir / "grid.png", t.pdf)
         settings = dict(OmegaConf.to_container(t, resolve=True), prompts=prompts, labels=labels, ckpt=str(ckpt_path),
                         ckpt_step=step)
-        (out_dir / "grid.json").write_text(json.dumps(settings, indent=2))
+        atomic_write_json(out_dir / "grid.json", settings)
         print(f"grid: {written[0]}")
     print(f"{len(mine)} images in {out_dir}")
     return out_dir

@@ -1,7 +1,6 @@
 """Checkpoint containers besides a Lightning .ckpt file: the sharded DCP directories of trainer=fsdp (consolidated
 into one state_dict in memory) and safetensors weights carrying their config as metadata."""
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from ldm.utils.atomic import atomic_write_bytes
 
 SHARDED_META = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards: everything but tensors
 
@@ -61,16 +62,7 @@ def save_safetensors(path: str | Path, state_dict: dict[str, torch.Tensor], meta
     # safetensors refuses tensors that share memory (a module registered twice): each name gets its own copy
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     metadata = {k: json.dumps(v) for k, v in metadata.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(safetensors_bytes(tensors, metadata={"format": "pt", **metadata}))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"format": "pt", **metadata}))
     return path
 
 

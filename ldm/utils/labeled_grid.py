@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ldm.utils.atomic import atomic_write
 from ldm.utils.images import to_uint8
 
 
@@ -48,10 +49,9 @@ def labeled_grid(
 def save_grid(sheet: Image.Image, path: str | Path, pdf: bool = False) -> list[Path]:
     """Write the sheet as PNG (and PDF next to it when asked)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
     written = [path]
     if pdf:
-        sheet.save(path.with_suffix(".pdf"), "PDF", resolution=150)
+        atomic_write(path.with_suffix(".pdf"), lambda f: sheet.save(f, "PDF", resolution=150))
         written.append(path.with_suffix(".pdf"))
     return written

@@ -1,8 +1,9 @@
 """Run directories: one stable directory per experiment name, resumed by re-running the same command."""
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ldm.utils.atomic import atomic_write_yaml
 from ldm.utils.errors import ConfigError
 
 LAST = "last.ckpt"
@@ -59,6 +60,16 @@ def resolve_checkpoint(run_dir: str | Path, ckpt: str) -> list[Path]:
 def save_run_config(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Write the resolved config to `<run_dir>/config.yaml` (overwritten on resume with the new overrides)."""
     path = Path(run_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_yaml(path, cfg)
     return path
+
+
+def remove_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete temp files that a kill during an atomic write left in the run directory (`.NAME.tmp-UUID`, see
+    ldm/utils/atomic.py). Call only while holding the run lock: a live writer's temp file would go too."""
+    run_dir = Path(run_dir)
+    left = [p for d in (run_dir, checkpoint_dir(run_dir), run_dir / "eval") if d.is_dir()
+            for p in d.glob(".*.tmp-*") if p.is_file()]
+    for path in left:
+        path.unlink(missing_ok=True)
+    return left
