@@ -8,13 +8,15 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from ldm.utils.errors import ConfigError
+from ldm.utils.errors import ConfigError, DivergedError
+from ldm.utils.sweep_dirs import with_sweep_dirnames
 
-CLEAR_ERRORS = (ConfigError, FileNotFoundError, MissingMandatoryValue, PermissionError)
+CLEAR_ERRORS = (ConfigError, DivergedError, FileNotFoundError, MissingMandatoryValue, PermissionError)
 
 
 def _clear_cause(error: BaseException) -> BaseException | None:
@@ -28,6 +30,7 @@ def _clear_cause(error: BaseException) -> BaseException | None:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    cfg.paths.run_dir = HydraConfig.get().runtime.output_dir  # a sweep job's own directory (sweep_dirs.py)
     task = importlib.import_module(f"ldm.tasks.{cfg.task.name}")
     try:
         task.run(cfg)
@@ -40,4 +43,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = with_sweep_dirnames(sys.argv)
     main()

@@ -17,9 +17,10 @@ from ldm.models.first_stage import FIRST_STAGE_CONFIG_KEY, first_stage_hash
 from ldm.models.fsdp import FSDP2Strategy
 from ldm.models.generate import generate_latents
 from ldm.models.step_seed import step_generator
+from ldm.utils.errors import DivergedError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DivergedError):
     """Training stopped on a NaN/inf loss; the last good checkpoint is kept untouched."""
 
 

@@ -5,6 +5,10 @@ class ConfigError(ValueError):
     """A config value (named in the message) is wrong or points at something missing."""
 
 
+class DivergedError(RuntimeError):
+    """Training produced non-finite weights or loss; the last good checkpoint was kept (named in the message)."""
+
+
 def missing_file(path: str, key: str, what: str = "file") -> FileNotFoundError:
     """A FileNotFoundError that names the config key to set."""
     return FileNotFoundError(f"{what} not found: {path!r}. Set the config key `{key}` to an existing path.")

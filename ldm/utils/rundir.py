@@ -25,7 +25,7 @@ def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
     """
     ckdir = checkpoint_dir(run_dir)
     last = ckdir / LAST
-    existing = sorted(ckdir.glob("*.ckpt")) if ckdir.is_dir() else []
+    existing = sorted(p for p in ckdir.glob("*.ckpt") if not p.name.startswith("diverged-")) if ckdir.is_dir() else []
     if not resume:
         if existing:
             raise ConfigError(

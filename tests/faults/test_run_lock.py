@@ -87,3 +87,30 @@ def test_a_second_fit_on_the_same_run_is_refused(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_only_swept_parameters_name_a_sweep_jobs_directory():
+    from ldm.utils.sweep_dirs import with_sweep_dirnames
+
+    single = ["main.py", "+experiment=x", "model.lr=1e-4"]
+    assert with_sweep_dirnames(single) == single  # not a multirun: untouched
+    argv = with_sweep_dirnames(["main.py", "-m", "+experiment=x", "model.lr=1e-4,2e-4", "trainer.max_steps=10",
+                                "hydra/launcher=slurm_1x8", "hydra.launcher.partition=gpu"])
+    assert argv[-1] == "hydra.job.config.override_dirname.exclude_keys=[experiment,name,trainer.max_steps]"
+
+
+@pytest.mark.slow
+def test_sweep_jobs_train_in_their_own_directories_and_a_resubmission_resumes_them(tmp_path):
+    """`-m model.lr=a,b` without distinct names: two runs, not one run "resumed" by the second job."""
+    args = [sys.executable, "main.py", "-m", "+experiment=shapes_autoencoder", f"paths.root_dir={tmp_path}", *TINY_AE,
+            "model.lr=1e-3,2e-3", "callbacks=none", "trainer.val_check_interval=2"]
+    first = subprocess.run([*args, "trainer.max_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    root = tmp_path / "experiments" / "shapes_autoencoder"
+    runs = {p.name: p for p in root.iterdir() if p.is_dir()}
+    assert set(runs) == {"model.lr=0.001", "model.lr=0.002"}
+    for name, run_dir in runs.items():
+        stored = (run_dir / "config.yaml").read_text()
+        assert f"lr: {name.split('=')[1]}" in stored and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    again = subprocess.run([*args, "trainer.max_steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("Resuming from") == 2, again.stdout[-2000:]
