@@ -63,6 +63,17 @@ def test_feature_stats_and_frechet_distance_match_torch_fidelity_torchmetrics_an
     assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_frechet_distance_of_gaussians_with_a_shared_eigenbasis_is_the_closed_form():
+    """Covariances Q diag(a) Q^T and Q diag(b) Q^T commute: d^2 = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2."""
+    g = np.random.default_rng(0)
+    q, _ = np.linalg.qr(g.normal(size=(16, 16)))
+    a, b = g.uniform(0.1, 4.0, 16), g.uniform(0.1, 4.0, 16)
+    mu1, mu2 = g.normal(size=16), g.normal(size=16)
+    closed_form = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T) == pytest.approx(closed_form,
+                                                                                                   rel=1e-10)
+
+
 def test_kid_matches_torch_fidelity_subsets_and_torchmetrics_mmd():
     f1, f2 = random_features(120, 16, seed=2), random_features(150, 16, seed=3, shift=0.2)
     mean, std = kid(f1, f2, subsets=20, subset_size=50, seed=2020)
@@ -164,13 +175,28 @@ def test_weights_hash_tells_retrained_extractors_apart():
 # --- CLIP score ------------------------------------------------------------------------------------------------
 
 
-def test_clip_score_with_a_random_model_is_in_range_and_deterministic():
+def test_clip_score_equals_open_clip_own_pipeline_computed_independently():
+    """100 * max(cos, 0) between open_clip's own image pipeline (PIL bicubic resize, its Normalize) and its text
+    features, computed here without ldm's code, on a random model (scores mean nothing, the arithmetic must agree)."""
+    import open_clip
+    from PIL import Image
+
+    torch.manual_seed(0)
     score = CLIPScore(model_name="ViT-S-32", pretrained=None, image_size=64)
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
-    captions = ["a small red circle in the center", "a large blue square in the top left", "a digit"]
-    scores = score(images, captions)
-    assert scores.shape == (3,) and torch.all((scores >= 0) & (scores <= 100))
-    torch.testing.assert_close(score(images, captions), scores)
+    images = torch.rand(32, 3, 64, 64) * 2 - 1  # already at the model's size: no resize differences to absorb
+    captions = ["a small red circle in the center", "a large blue square in the top left", "a digit", "a cat",
+                "a red square", "a blue circle", "two shapes", "nothing"] * 4
+    ours = score(images, captions)
+
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-S-32", pretrained=None, force_image_size=64)
+    model.load_state_dict(score.model.state_dict())
+    pil = [Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy()) for image in images]
+    with torch.no_grad():
+        image_features = model.encode_image(torch.stack([preprocess(p) for p in pil]), normalize=True)
+        text_features = model.encode_text(open_clip.get_tokenizer("ViT-S-32")(captions), normalize=True)
+    reference = 100 * (image_features * text_features).sum(-1).clamp(min=0)
+    assert (reference > 0).sum() >= 4  # some pairs land on the positive side, so the values are compared
+    torch.testing.assert_close(ours, reference, atol=0.3, rtol=0)  # uint8 rounding of the PIL path
     with pytest.raises(ValueError, match="one caption per image"):
         score(images, captions[:2])
 

@@ -74,3 +74,23 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_with_a_checkpoint(tiny_runs, t
         assert log.read_text().count("stopped by SIGTERM") == 2  # each rank, at the same step
         run_dir = tiny_runs.root / "experiments" / f"ddp_stop{attempt}"
         assert _last_step(run_dir) == step(probe, 0) == step(probe, 1)  # together, at the checkpointed step
+
+
+@pytest.mark.slow
+def test_a_dead_ddp_peer_is_an_error_not_a_hang(tiny_runs, tmp_path):
+    """SIGKILL (no chance to agree on anything) to rank 1: rank 0's next collective fails and it exits non-zero."""
+    probe, log = tmp_path / "probe", tmp_path / "ddp.log"
+    args = ddp_fit(tiny_runs, "ddp_dead_peer", probe, "trainer.devices=2", "trainer.max_steps=100000",
+                   "checkpoint_every_n_steps=1000000")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=clean_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: step(probe, 0) >= 2 and step(probe, 1) >= 2, proc, log)
+        [peer] = psutil.Process(proc.pid).children()
+        peer.kill()
+        assert proc.wait(HANG_S) != 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Connection reset by peer" in log.read_text() or "Connection closed by peer" in log.read_text()
