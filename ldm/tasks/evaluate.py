@@ -1,6 +1,7 @@
 """task=evaluate: sample with fixed seeds from one or every checkpoint, score with the experiment's suite,
 write `eval/metrics.{csv,json}` (one row per checkpoint step) and, for ckpt=all, a plot per metric."""
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from ldm.models.generate import Job, render
 from ldm.utils.atomic import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
 from ldm.utils.checkpoint import load_module
 from ldm.utils.errors import ConfigError
+from ldm.utils.hashing import sha256_path
 from ldm.utils.images import from_uint8, to_uint8
 from ldm.utils.rundir import resolve_checkpoint
 
@@ -23,6 +25,12 @@ SETTINGS = ("sampler", "steps", "schedule", "guidance_scale", "use_ema")
 
 def settings_tag(t: DictConfig, num_samples: int) -> str:
     return f"{t.sampler}-{t.steps}-{t.schedule}-g{t.guidance_scale:g}-{'ema' if t.use_ema else 'raw'}-n{num_samples}"
+
+
+def samples_key(t: DictConfig, prompts: list[str] | None, labels: list[int] | None) -> str:
+    """A hash of everything that decides the images besides the weights: sampling settings and conditions."""
+    settings = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items() if k not in ("progress", "batch_size", "ckpt", "name")}
+    return hashlib.sha256(json.dumps([settings, prompts, labels], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def samples_for(path: Path, t: DictConfig, suite, out: Path) -> tuple[torch.Tensor, int]:
@@ -100,9 +108,9 @@ def run(cfg: DictConfig) -> list[dict]:
     old = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else []
     rows = []
     for path in resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt)):
-        # a checkpoint file is identified by name + size + mtime: last.ckpt is overwritten as training goes on
-        stat = path.stat()
-        out = eval_dir / "samples" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{tag}.pt"
+        # samples are reused for the same checkpoint content (last.ckpt is overwritten as training goes on, a
+        # copied file keeps its samples) and the same sampling settings and conditions
+        out = eval_dir / "samples" / f"{sha256_path(path)[:16]}-{samples_key(t, prompts, labels)}.pt"
         images, step = samples_for(path, t, suite, out)
         rows.append(dict(step=step, ckpt=str(path), tag=tag, suite=suite.name, **suite.score(images)))
     new_keys = {(r["step"], r["tag"]) for r in rows}

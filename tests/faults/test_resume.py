@@ -87,3 +87,39 @@ def test_temp_files_of_a_killed_write_are_removed_on_the_next_start(tiny_runs):
     _fit([*overrides, f"trainer.max_steps={tiny_runs.ldm_steps + 1}"])
     assert not any(p.exists() for p in left)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_evaluation_reuses_samples_by_checkpoint_content_and_settings_not_by_file_name(tiny_runs,
+                                                                                        shapes_feature_weights):
+    """last.ckpt overwritten by a later step with the same size and mtime: the old key (name, size, mtime) reused
+    the earlier step's samples; the content hash does not."""
+    import os
+
+    from ldm.tasks import evaluate
+
+    overrides, run_dir = _copy_run(tiny_runs, "ldm_eval_key")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    evaluation = [*overrides, "task=evaluate", "task.steps=2", "task.progress=false", "eval.resolution=16",
+                  "eval.num_samples=4", f"eval.feature_weights={shapes_feature_weights}"]
+
+    def evaluate_last(*extra):
+        with restored_environ():
+            return evaluate.run(compose_run("shapes_txt2img", [*evaluation, *extra]))
+
+    checkpoint = torch.load(last, weights_only=True)
+    torch.save(checkpoint, last)  # re-saved as the modified copy below will be, so both have the same size
+    [first] = evaluate_last()
+    assert first["step"] == tiny_runs.ldm_steps
+    stat = last.stat()  # other weights, same structure below: same size on disk
+    for tensor in checkpoint["state_dict"].values():
+        if tensor.is_floating_point():
+            tensor.mul_(1.01)  # in place: shared storages stay shared
+    checkpoint["global_step"] = tiny_runs.ldm_steps + 50
+    torch.save(checkpoint, last)
+    assert last.stat().st_size == stat.st_size  # same name and size: the old key could not tell them apart
+    os.utime(last, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... nor with the same mtime
+    [second] = evaluate_last()
+    assert second["step"] == tiny_runs.ldm_steps + 50  # new weights: sampled again
+    [third] = evaluate_last("task.guidance_scale=1.5")  # new settings: sampled again, another row
+    assert len(list((run_dir / "eval" / "samples").glob("*.pt"))) == 3 and third["tag"] != second["tag"]
