@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 .PHONY: venv demo digits test test-fast bench
 
 # Creates the environment if missing. The torch pin matches the wheels cached on the project's CI
-# machines; elsewhere pip falls back to the newest torch that pyproject allows (torch>=2.4).
+# machines; elsewhere pip falls back to the newest torch that pyproject allows (torch>=2.6).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/python -m pip install -q torch torchvision
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 venv: $(STAMP)

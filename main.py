@@ -13,8 +13,11 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from ldm.utils.errors import ConfigError, DivergedError
-from ldm.utils.sweep_dirs import with_sweep_dirnames
+try:
+    from ldm.utils.errors import ConfigError, DivergedError
+    from ldm.utils.sweep_dirs import with_sweep_dirnames
+except ImportError as error:  # e.g. a torch older than ldm needs (ldm/__init__.py): one line, not a traceback
+    sys.exit(f"error: {error}")
 
 CLEAR_ERRORS = (ConfigError, DivergedError, FileNotFoundError, MissingMandatoryValue, PermissionError)
 
