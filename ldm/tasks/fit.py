@@ -9,12 +9,11 @@ import sys
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks.configured_hyperparameters import ConfiguredHyperparameters
-from ldm.callbacks.final_checkpoint import FinalCheckpoint
+from ldm.callbacks.checkpoints import checkpoint_callbacks
 from ldm.callbacks.slurm_requeue import SlurmRequeue, slurm_job_id
 from ldm.callbacks.startup_summary import StartupSummary
 from ldm.callbacks.stop_on_signal import StopOnSignal
@@ -23,7 +22,9 @@ from ldm.data.latents import LatentDataModule
 from ldm.models.first_stage import first_stage_hash
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 from ldm.utils.dist_env import dist_env
-from ldm.utils.rundir import LAST, checkpoint_dir, remove_temp_files, resume_checkpoint, save_run_config
+from ldm.utils.rundir import (
+    LAST, checkpoint_dir, persistent_run_id, remove_temp_files, resume_checkpoint, save_run_config,
+)
 from ldm.utils.resume_config import check_resume_config, record_changes
 from ldm.utils.run_lock import RunLock
 
@@ -31,25 +32,10 @@ from ldm.utils.run_lock import RunLock
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     """Trainer from `cfg.trainer` with the run's logger, callbacks, atomic checkpoints and stored config."""
     run_dir = cfg.paths.run_dir
-    checkpoints = ModelCheckpoint(
-        dirpath=checkpoint_dir(run_dir),
-        filename="step-{step:08d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint_every_n_steps,
-        save_top_k=-1,
-        save_last=True,
-        enable_version_counter=False,  # last.ckpt is overwritten (atomically), never last-v1.ckpt
+    checkpoints = checkpoint_callbacks(
+        checkpoint_dir(run_dir), cfg.checkpoint_every_n_steps, cfg.checkpoint_every_minutes, cfg.checkpoint_keep_last,
+        cfg.checkpoint_monitor, cfg.checkpoint_monitor_mode,
     )
-    if cfg.checkpoint_monitor:
-        best = ModelCheckpoint(
-            dirpath=checkpoint_dir(run_dir), filename="best", monitor=cfg.checkpoint_monitor,
-            mode=cfg.checkpoint_monitor_mode, save_top_k=1, auto_insert_metric_name=False,
-            enable_version_counter=False,
-        )
-        checkpoints = [checkpoints, best]
-    else:
-        checkpoints = [checkpoints]
-    checkpoints.append(FinalCheckpoint(checkpoint_dir(run_dir), checkpoints[0]))
     callbacks = [*checkpoints, StoreConfig(OmegaConf.to_container(cfg, resolve=True)), ConfiguredHyperparameters(),
                  StartupSummary(),
                  *extra_callbacks]
@@ -75,6 +61,7 @@ def check_latent_cache(model: L.LightningModule, datamodule: L.LightningDataModu
 
 
 def run(cfg: DictConfig) -> L.Trainer:
+    cfg.run_id = persistent_run_id(cfg.paths.run_dir)
     # one process group per run directory: rank 0 holds the lock for the job (the other ranks are its own)
     if dist_env().rank != 0:
         return _fit(cfg)
@@ -98,6 +85,8 @@ def _fit(cfg: DictConfig) -> L.Trainer:
     if trainer.is_global_zero:  # once the Trainer exists its rank is right under every launcher
         record_changes(cfg.paths.run_dir, changes, ckpt_path)
         save_run_config(cfg, cfg.paths.run_dir)
+        for logger in trainer.loggers:  # the whole resolved config, as every logger shows hyperparameters
+            logger.log_hyperparams(resolved)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # a resume runs no code
     [stop] = [c for c in trainer.callbacks if isinstance(c, StopOnSignal)]
     if stop.stopped_by is not None:

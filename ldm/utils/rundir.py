@@ -1,9 +1,10 @@
 """Run directories: one stable directory per experiment name, resumed by re-running the same command."""
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm.utils.atomic import atomic_write_yaml
+from ldm.utils.atomic import atomic_write_bytes, atomic_write_yaml
 from ldm.utils.errors import ConfigError
 
 LAST = "last.ckpt"
@@ -73,3 +74,13 @@ def remove_temp_files(run_dir: str | Path) -> list[Path]:
     for path in left:
         path.unlink(missing_ok=True)
     return left
+
+
+def persistent_run_id(run_dir: str | Path) -> str:
+    """A unique id made at the run's first start and kept in `<run_dir>/run_id` (W&B's run id: a resumed run
+    continues the same W&B run, and two projects' runs of the same name never collide). Safe for concurrent ranks:
+    the first exclusive write wins and everyone reads it."""
+    path = Path(run_dir) / "run_id"
+    if not path.is_file():
+        atomic_write_bytes(path, uuid.uuid4().hex[:16].encode(), exclusive=True)
+    return path.read_text().strip()

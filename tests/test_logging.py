@@ -1,0 +1,42 @@
+"""What a run tells its loggers: the whole resolved config as hyperparameters, and a W&B id unique to the run
+directory that a resume keeps."""
+import pytest
+import yaml
+
+from conftest import TINY_AE, compose_run, restored_environ
+
+
+def _fit(root, *extra):
+    from ldm.tasks import fit
+
+    with restored_environ():
+        return fit.run(compose_run("shapes_autoencoder", [f"paths.root_dir={root}", *TINY_AE, "callbacks=none",
+                                                          "trainer.val_check_interval=2", *extra]))
+
+
+def _wandb_run_id(root, steps: int) -> str:
+    """Fit with the (offline) W&B logger; the id of the W&B run it logged to."""
+    import wandb
+
+    trainer = _fit(root, "logger=wandb", f"trainer.max_steps={steps}")
+    assert trainer.global_step == steps
+    run_id = trainer.logger.experiment.id
+    wandb.finish()  # in-process: the next fit must start its own W&B run
+    return run_id
+
+
+@pytest.mark.slow
+def test_wandb_run_id_is_unique_per_run_directory_and_kept_on_resume(tmp_path):
+    first = _wandb_run_id(tmp_path / "a", steps=2)
+    assert first == (tmp_path / "a" / "experiments" / "shapes_autoencoder" / "run_id").read_text()
+    assert _wandb_run_id(tmp_path / "a", steps=3) == first  # resumed: the same W&B run continues
+    assert _wandb_run_id(tmp_path / "b", steps=2) != first  # the same name in another project: another run
+
+
+@pytest.mark.slow
+def test_every_logger_gets_the_resolved_config_as_hyperparameters(tmp_path):
+    trainer = _fit(tmp_path, "logger=csv", "trainer.max_steps=2", "model.lr=0.0123")
+    with open(f"{trainer.logger.log_dir}/hparams.yaml") as f:
+        hparams = yaml.safe_load(f)
+    assert hparams["model"]["lr"] == 0.0123 and hparams["name"] == "shapes_autoencoder"
+    assert hparams["paths"]["run_dir"] == str(tmp_path / "experiments" / "shapes_autoencoder")
