@@ -40,3 +40,22 @@ def test_every_logger_gets_the_resolved_config_as_hyperparameters(tmp_path):
         hparams = yaml.safe_load(f)
     assert hparams["model"]["lr"] == 0.0123 and hparams["name"] == "shapes_autoencoder"
     assert hparams["paths"]["run_dir"] == str(tmp_path / "experiments" / "shapes_autoencoder")
+
+
+@pytest.mark.slow
+def test_progress_is_a_line_every_n_steps_in_steps_of_max_steps_when_not_a_terminal(tmp_path, capsys):
+    from ldm.callbacks.step_progress import progress_line
+
+    assert progress_line(120, 750, 2.0, 128.0, 0.5) == \
+        "step 120/750  2.00 steps/s  128.0 images/s  ETA 5:15  loss 0.5000"
+    quiet = [o for o in TINY_AE if "enable_progress_bar" not in o]
+    from ldm.tasks import fit
+
+    with restored_environ():
+        fit.run(compose_run("shapes_autoencoder", [f"paths.root_dir={tmp_path}", *quiet, "callbacks=none",
+                                                   "trainer.max_steps=6", "trainer.log_every_n_steps=3",
+                                                   "trainer.val_check_interval=6"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["3/6", "6/6"]  # pytest's stdout is no terminal
+    assert all("images/s" in line and "ETA" in line and "loss" in line for line in lines)
+    assert "Epoch" not in capsys.readouterr().out

@@ -16,6 +16,7 @@ from ldm.callbacks.configured_hyperparameters import ConfiguredHyperparameters
 from ldm.callbacks.checkpoints import checkpoint_callbacks
 from ldm.callbacks.slurm_requeue import SlurmRequeue, slurm_job_id
 from ldm.callbacks.startup_summary import StartupSummary
+from ldm.callbacks.step_progress import StepProgress
 from ldm.callbacks.stop_on_signal import StopOnSignal
 from ldm.callbacks.store_config import StoreConfig
 from ldm.data.latents import LatentDataModule
@@ -45,6 +46,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
         callbacks += [SlurmRequeue(checkpoint_dir(run_dir) / LAST, slurm_job_id()), StopOnSignal((signal.SIGTERM,))]
     else:
         callbacks.append(StopOnSignal())
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgress(every_n_steps=cfg.trainer.log_every_n_steps))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     return instantiate(
