@@ -109,8 +109,8 @@ class AutoencoderModule(L.LightningModule):
             losses["d"] = d_loss
         if self.ema is not None:
             self.ema.update(self.net)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False)
-        self.log("train/loss", losses["total"].detach(), prog_bar=True)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, batch_size=len(x))
+        self.log("train/loss", losses["total"].detach(), prog_bar=True, batch_size=len(x))
 
     def validation_step(self, batch, batch_idx):
         x = batch["image"]
@@ -123,6 +123,7 @@ class AutoencoderModule(L.LightningModule):
             },
             prog_bar=True,
             sync_dist=True,
+            batch_size=len(x),
         )
 
     @torch.no_grad()

@@ -185,12 +185,12 @@ class LatentDiffusionModule(L.LightningModule):
                 f"non-finite loss at step {self.global_step}; stopped without saving. The last good checkpoint "
                 "is in <run_dir>/checkpoints; lower the lr, enable grad clipping or check the data."
             )
-        self.log("train/loss", mean, prog_bar=True)
+        self.log("train/loss", mean, prog_bar=True, batch_size=len(x0))
         buckets = sigma_buckets(sigma, self.formulation, self.loss_buckets)
         for b in range(self.loss_buckets):
             picked = buckets == b
             if picked.any():
-                self.log(f"train/loss_sigma_bucket{b}", loss[picked].mean())
+                self.log(f"train/loss_sigma_bucket{b}", loss[picked].mean(), batch_size=int(picked.sum()))
         return mean
 
     def optimizer_step(self, *args, **kwargs):
@@ -203,7 +203,7 @@ class LatentDiffusionModule(L.LightningModule):
         x0 = self.batch_latents(batch, g)
         denoiser, conditioner = self.inference_parts()
         loss, _ = denoising_loss(denoiser, x0, conditioner.encode(batch), self.formulation, generator=g)
-        self.log("val/loss", loss.mean(), prog_bar=True, sync_dist=True)
+        self.log("val/loss", loss.mean(), prog_bar=True, sync_dist=True, batch_size=len(x0))
 
     # --- inference (EMA by default) ---
     def inference_parts(self, use_ema: bool = True) -> tuple[Denoiser, nn.Module]:

@@ -23,6 +23,7 @@ from ldm.data.latents import LatentDataModule
 from ldm.models.first_stage import first_stage_hash
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 from ldm.utils.dist_env import dist_env
+from ldm.utils.known_noise import silence_known_noise
 from ldm.utils.rundir import (
     LAST, checkpoint_dir, persistent_run_id, remove_temp_files, resume_checkpoint, save_run_config,
 )
@@ -64,6 +65,7 @@ def check_latent_cache(model: L.LightningModule, datamodule: L.LightningDataModu
 
 
 def run(cfg: DictConfig) -> L.Trainer:
+    silence_known_noise()
     cfg.run_id = persistent_run_id(cfg.paths.run_dir)
     # one process group per run directory: rank 0 holds the lock for the job (the other ranks are its own)
     if dist_env().rank != 0:
