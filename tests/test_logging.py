@@ -59,3 +59,17 @@ def test_progress_is_a_line_every_n_steps_in_steps_of_max_steps_when_not_a_termi
     assert [line.split()[1] for line in lines] == ["3/6", "6/6"]  # pytest's stdout is no terminal
     assert all("images/s" in line and "ETA" in line and "loss" in line for line in lines)
     assert "Epoch" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_own_metrics_csv_and_curves_across_a_resume(tmp_path):
+    from ldm.callbacks.run_metrics import read_rows
+
+    run_dir = tmp_path / "experiments" / "shapes_autoencoder"
+    _fit(tmp_path, "trainer.max_steps=4", "trainer.log_every_n_steps=2", "logger=[]")  # no logger at all
+    rows = read_rows(run_dir / "metrics.csv")
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+    assert [r["step"] for r in rows if "val/psnr" in r] == [2, 4] and all(r["lr"] == 2e-3 for r in rows)
+    assert (run_dir / "curves.png").stat().st_size > 0
+    _fit(tmp_path, "trainer.max_steps=6", "trainer.log_every_n_steps=2", "logger=[]")
+    assert [r["step"] for r in read_rows(run_dir / "metrics.csv") if "train/loss" in r] == [2, 4, 6]

@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ldm.models.generate import Job, render
-from ldm.utils.atomic import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+from ldm.utils.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from ldm.utils.checkpoint import load_module
 from ldm.utils.errors import ConfigError
 from ldm.utils.hashing import sha256_path
 from ldm.utils.images import from_uint8, to_uint8
+from ldm.utils.plots import plot_metrics
 from ldm.utils.rundir import resolve_checkpoint
 
 SETTINGS = ("sampler", "steps", "schedule", "guidance_scale", "use_ema")
@@ -61,24 +62,6 @@ def write_tables(rows: list[dict], eval_dir: Path) -> None:
     atomic_write_text(eval_dir / "metrics.csv", table.getvalue())
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """One panel per metric against training step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [k for k in rows[0] if isinstance(rows[0][k], float)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
-    for ax, name in zip(axes[0], metrics):
-        ax.plot([r["step"] for r in rows], [r[name] for r in rows], marker="o")
-        ax.set_title(name)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-
-
 def print_table(rows: list[dict], floor: dict[str, float]) -> None:
     """Metrics down, checkpoints across; the last column is real images (the floor a model can reach)."""
     table = Table(title="evaluation")
@@ -116,6 +99,6 @@ def run(cfg: DictConfig) -> list[dict]:
     new_keys = {(r["step"], r["tag"]) for r in rows}
     write_tables([r for r in old if (r["step"], r["tag"]) not in new_keys] + rows, eval_dir)
     if cfg.ckpt == "all" and len(rows) > 1:
-        plot(rows, eval_dir / f"metrics-{tag}.png")
+        plot_metrics(rows, eval_dir / f"metrics-{tag}.png")
     print_table(rows, floor)
     return rows

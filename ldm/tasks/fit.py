@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks.configured_hyperparameters import ConfiguredHyperparameters
 from ldm.callbacks.checkpoints import checkpoint_callbacks
+from ldm.callbacks.run_metrics import RunMetrics
 from ldm.callbacks.slurm_requeue import SlurmRequeue, slurm_job_id
 from ldm.callbacks.startup_summary import StartupSummary
 from ldm.callbacks.step_progress import StepProgress
@@ -47,6 +48,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
         callbacks += [SlurmRequeue(checkpoint_dir(run_dir) / LAST, slurm_job_id()), StopOnSignal((signal.SIGTERM,))]
     else:
         callbacks.append(StopOnSignal())
+    callbacks.append(RunMetrics(run_dir, every_n_steps=cfg.trainer.log_every_n_steps))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgress(every_n_steps=cfg.trainer.log_every_n_steps))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
