@@ -14,12 +14,12 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 try:
-    from ldm.utils.errors import ConfigError, DivergedError
+    from ldm.utils.errors import ConfigError, CorruptDataError, DivergedError
     from ldm.utils.sweep_dirs import with_sweep_dirnames
 except ImportError as error:  # e.g. a torch older than ldm needs (ldm/__init__.py): one line, not a traceback
     sys.exit(f"error: {error}")
 
-CLEAR_ERRORS = (ConfigError, DivergedError, FileNotFoundError, MissingMandatoryValue, PermissionError)
+CLEAR_ERRORS = (ConfigError, CorruptDataError, DivergedError, FileNotFoundError, MissingMandatoryValue, PermissionError)
 
 
 def _clear_cause(error: BaseException) -> BaseException | None:

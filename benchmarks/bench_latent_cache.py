@@ -14,8 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from ldm.data.latent_cache import cache_latents, encode_moments
-from ldm.data.latents import LatentDataset, LatentSampler
+from ldm.data.latent_cache import LatentDataset, cache_latents
+from ldm.data.latent_cache.encode import encode_moments
+from ldm.data.latents import LatentSampler
 from ldm.data.shapes import ShapesDataset
 from ldm.models.first_stage import first_stage_hash
 from ldm.utils.safe_config import safe_instantiate

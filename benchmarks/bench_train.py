@@ -25,8 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.data.latent_cache import cache_latents
-from ldm.data.latents import LatentDataset
+from ldm.data.latent_cache import LatentDataset, cache_latents
 from ldm.data.shapes import ShapesDataset
 from ldm.diffusion.loss import denoising_loss
 from ldm.models.first_stage import first_stage_hash

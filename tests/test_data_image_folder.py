@@ -9,9 +9,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from ldm.data.image_folder import ImageFolderDataset
+from ldm.data.skips import KeptLoader, collate_kept
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -64,11 +64,11 @@ def test_discovery_captions_keys_and_pixels(folder):
 
 def test_corrupt_files_are_skipped_and_counted_across_workers(folder):
     ds = ImageFolderDataset(str(folder), resolution=8)
-    loader = DataLoader(ds, batch_size=1, num_workers=2)
+    loader = KeptLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_kept)
     keys = [batch["key"][0] for batch in loader]
-    # each bad file is replaced by the next readable one (wrapping around)
-    assert keys == ["cats/deep/tall", "cats/wide", "dogs/blue", "cats/deep/tall", "cats/deep/tall"]
-    assert ds.num_skipped == 3  # broken.jpg, then truncated.png twice (alone, and on broken.jpg's behalf)
+    # each bad file is left out, never replaced by another image; its all-skipped batch is dropped
+    assert keys == ["cats/deep/tall", "cats/wide", "dogs/blue"]
+    assert ds.num_skipped == 2  # broken.jpg and truncated.png
 
 
 def test_random_crop_and_flip(folder, tmp_path):

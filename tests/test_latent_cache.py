@@ -23,8 +23,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from key_recorder import KeyRecorder
-from ldm.data.latent_cache import ShardPlan, cache_latents, read_json
-from ldm.data.latents import LatentDataModule, LatentDataset, LatentSampler, ResumableDataLoader, sample_generator
+from ldm.data.latent_cache import LatentDataset, cache_latents
+from ldm.data.latent_cache.format import ShardPlan, read_json
+from ldm.data.latent_cache.reader import sample_generator
+from ldm.data.latents import LatentDataModule, LatentSampler, ResumableDataLoader
 from ldm.data.shapes import ShapesDataset
 from ldm.eval.reconstruction import psnr
 from ldm.models.first_stage import first_stage_hash, load_first_stage, load_first_stage_with_config

@@ -263,6 +263,7 @@ def test_ddp_on_cpu_splits_the_data_and_counts_steps_once(tiny_runs, tmp_path, m
         *TINY_TXT2IMG, "callbacks=none", f"data.batch_size={batch_size}", f"trainer.max_steps={steps}",
         "trainer.val_check_interval=3", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
         "+callbacks.keys._target_=test_latent_diffusion.RecordBatchKeys", f"+callbacks.keys.out_dir={tmp_path}",
+        "security.allow=[test_latent_diffusion.RecordBatchKeys]",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[fit] world size    2 = 2 devices" in result.stdout

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.skips import KeptLoader, collate_kept
 from ldm.data.stream_loader import StreamLoader
 
 
@@ -48,11 +49,13 @@ class ImageDataModule(L.LightningDataModule):
                 set_rank(self.trainer.global_rank, self.trainer.world_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        # a streaming training set is numbered pass by pass (StreamLoader), so a resumed run draws new samples
-        loader = StreamLoader if train and hasattr(dataset, "set_epoch") else DataLoader
+        # a streaming training set is numbered pass by pass (StreamLoader), so a resumed run draws new samples;
+        # a map-style one may return skip markers for corrupt files (skips.py), which never reach the model
+        loader = StreamLoader if train and hasattr(dataset, "set_epoch") else KeptLoader
         return loader(
             dataset,
             batch_size=batch_size,
+            collate_fn=collate_kept,
             shuffle=train and not isinstance(dataset, IterableDataset),  # Lightning swaps in a DistributedSampler
             drop_last=train,
             num_workers=self.num_workers,

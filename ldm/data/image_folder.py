@@ -5,8 +5,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ldm.data.skips import SkipCounter
+from ldm.data.skips import SkipCounter, check_on_corrupt, skipped_item
 from ldm.data.transforms import CROPS, load_rgb, prepare_image
+from ldm.utils.errors import CorruptDataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTIONS_FILE = "captions.jsonl"
@@ -29,7 +30,8 @@ def read_captions_jsonl(path: Path) -> dict[str, str]:
 
 
 class ImageFolderDataset(Dataset):
-    """Images under `root`, square-cropped and resized; corrupt files are skipped (counted, logged), never fatal.
+    """Images under `root`, square-cropped and resized; a corrupt file is a counted, logged skip (a marker, see
+    ldm/data/skips.py; never a substitute image), or with on_corrupt="raise" a one-line error naming it.
 
     Caption of `a/b.jpg`: the text of `a/b.txt` if present, else its entry in `root/captions.jsonl`, else "".
     With `labels_from_subfolders`, the label is the index of the image's top-level folder in sorted order.
@@ -42,6 +44,7 @@ class ImageFolderDataset(Dataset):
         crop: str = "center",
         flip: bool = False,
         labels_from_subfolders: bool = False,
+        on_corrupt: str = "skip",
     ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -61,6 +64,7 @@ class ImageFolderDataset(Dataset):
         if labels_from_subfolders and not self.classes:
             raise ValueError(f"labels_from_subfolders=True but {str(self.root)!r} has no subfolders with images")
         self.resolution, self.crop, self.flip = resolution, crop, flip
+        self.on_corrupt = check_on_corrupt(on_corrupt, "data.<split>.on_corrupt")
         self.skipped = SkipCounter("image")
 
     def __len__(self) -> int:
@@ -85,18 +89,25 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self.files):
             raise IndexError(f"index {index} out of range for {len(self.files)} images")
-        # a corrupt file is replaced by the next readable one, so a bad image costs a log line, not the run
-        for offset in range(len(self.files)):
-            file = self.files[(index + offset) % len(self.files)]
-            try:
-                img = load_rgb(self.root / file)
-            except Exception as err:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError...)
-                self.skipped.add(file.as_posix(), err)
-                continue
-            return {
-                "image": prepare_image(img, self.resolution, self.crop, self.flip),
-                "caption": self.caption(file),
-                "label": self.label(file),
-                "key": file.with_suffix("").as_posix(),
-            }
-        raise RuntimeError(f"none of the {len(self.files)} images under {str(self.root)!r} could be read")
+        file = self.files[index]
+        try:
+            img = load_rgb(self.root / file)
+        except Exception as err:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError...)
+            return self._corrupt(file, err)
+        return {
+            "image": prepare_image(img, self.resolution, self.crop, self.flip),
+            "caption": self.caption(file),
+            "label": self.label(file),
+            "key": file.with_suffix("").as_posix(),
+        }
+
+    def _corrupt(self, file: Path, err: Exception) -> dict:
+        """Raise naming the file, or count it and return a skip marker (whatever the mode, never another image)."""
+        message = " ".join(str(err).split())  # one line
+        if self.on_corrupt == "raise":
+            raise CorruptDataError(
+                f"corrupt image {str(self.root / file)!r} ({type(err).__name__}: {message}): remove or replace it, "
+                "or set on_corrupt=skip (e.g. data.train.on_corrupt=skip) to skip and count such files"
+            ) from err
+        self.skipped.add(file.as_posix(), err)
+        return skipped_item(file.as_posix(), f"unreadable image: {type(err).__name__}", message[:500])

@@ -26,7 +26,7 @@ def load_first_stage_with_config(ckpt_path: str | Path) -> tuple[AutoencoderModu
     if not Path(ckpt_path).is_file():
         raise missing_file(str(ckpt_path), "ckpt", "autoencoder checkpoint")
     ckpt = read_checkpoint(ckpt_path)
-    model_config = checkpoint_config(ckpt).model
+    model_config = checkpoint_config(ckpt, str(ckpt_path)).model
     inference_config = OmegaConf.merge(model_config, {part: None for part in LOSS_ONLY if part in model_config})
     module = safe_instantiate(inference_config)
     if not isinstance(module, AutoencoderModule):

@@ -2,14 +2,15 @@
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.data.latent_cache import CacheResult, cache_latents, read_json
+from ldm.data.latent_cache import CacheResult, cache_latents
+from ldm.data.latent_cache.format import read_json
 from ldm.models.first_stage import first_stage_hash, load_first_stage_with_config
 from ldm.utils.dist_env import dist_env
 from ldm.utils.errors import ConfigError
 from ldm.utils.rundir import resolve_checkpoint
+from ldm.utils.safe_config import allow_targets, safe_instantiate
 
 
 def _device(name: str) -> torch.device:
@@ -39,12 +40,14 @@ def _report(split: str, out_dir: Path, result: CacheResult) -> None:
         return
     manifest = read_json(result.manifest)
     skipped = manifest["skipped"]
-    reasons = f" {skipped['reasons']}" if skipped["total"] else ""
+    keys = ", ".join(str(e["key"]) for e in skipped["examples"][:3])
+    reasons = f" {skipped['reasons']} (e.g. {keys}; all in manifest.json)" if skipped["total"] else ""
     print(f"[{split}] {result.manifest}: {manifest['num_samples']} latents {manifest['latent_shape']}, "
           f"{skipped['total']} inputs skipped{reasons}")
 
 
 def run(cfg: DictConfig) -> dict[str, CacheResult]:
+    allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     task = cfg.task
     checkpoints = resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt))
     if len(checkpoints) != 1:
@@ -52,7 +55,7 @@ def run(cfg: DictConfig) -> dict[str, CacheResult]:
     first_stage, model_config = load_first_stage_with_config(checkpoints[0])
     identity = first_stage_hash(first_stage)
     print(f"first stage {checkpoints[0]} (sha256 {identity[:16]}...)")
-    datamodule = instantiate(cfg.data)
+    datamodule = safe_instantiate(cfg.data, stored=False)
     env = dist_env()
     rank, world_size = env.rank, env.world_size
     results = {}

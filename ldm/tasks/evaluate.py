@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +19,7 @@ from ldm.utils.hashing import sha256_path
 from ldm.utils.images import from_uint8, to_uint8
 from ldm.utils.plots import plot_metrics
 from ldm.utils.rundir import resolve_checkpoint
+from ldm.utils.safe_config import allow_targets, safe_instantiate
 
 SETTINGS = ("sampler", "steps", "schedule", "guidance_scale", "use_ema")
 
@@ -75,10 +75,11 @@ def print_table(rows: list[dict], floor: dict[str, float]) -> None:
 
 
 def run(cfg: DictConfig) -> list[dict]:
+    allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     t = cfg.task
     if OmegaConf.select(cfg, "eval") is None:
         raise ConfigError("this experiment has no `eval` suite (e.g. eval._target_=ldm.eval.suites.ShapesSuite)")
-    suite = instantiate(cfg.eval)
+    suite = safe_instantiate(cfg.eval, stored=False)
     eval_dir = Path(cfg.paths.run_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     prompts, labels = suite.conditions()

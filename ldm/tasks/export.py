@@ -9,6 +9,7 @@ from ldm.utils.atomic import atomic_torch_save
 from ldm.utils.consolidate import fold_ema, is_sharded_checkpoint, save_safetensors
 from ldm.utils.errors import ConfigError
 from ldm.utils.rundir import resolve_checkpoint
+from ldm.utils.safe_config import allow_targets
 
 # what a safetensors file keeps besides weights: enough to rebuild the model and label its samples
 METADATA_KEYS = (CONFIG_KEY, FIRST_STAGE_CONFIG_KEY, "first_stage_hash", "global_step", "epoch")
@@ -35,6 +36,7 @@ def export_checkpoint(
 
 
 def run(cfg: DictConfig) -> list[Path]:
+    allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     t = cfg.task
     written = []
     for path in resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt)):

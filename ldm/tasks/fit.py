@@ -8,7 +8,6 @@ import sys
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,6 +29,7 @@ from ldm.utils.rundir import (
 )
 from ldm.utils.resume_config import check_resume_config, record_changes
 from ldm.utils.run_lock import RunLock
+from ldm.utils.safe_config import allow_targets, safe_instantiate
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
@@ -51,10 +51,10 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
     callbacks.append(RunMetrics(run_dir, every_n_steps=cfg.trainer.log_every_n_steps))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgress(every_n_steps=cfg.trainer.log_every_n_steps))
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, default_root_dir=run_dir,
+    callbacks += [safe_instantiate(c, stored=False) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [safe_instantiate(lg, stored=False) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    return safe_instantiate(
+        cfg.trainer, stored=False, callbacks=callbacks, logger=loggers or False, plugins=plugins, default_root_dir=run_dir,
     )
 
 
@@ -67,6 +67,7 @@ def check_latent_cache(model: L.LightningModule, datamodule: L.LightningDataModu
 
 
 def run(cfg: DictConfig) -> L.Trainer:
+    allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     silence_known_noise()
     cfg.run_id = persistent_run_id(cfg.paths.run_dir)
     # one process group per run directory: rank 0 holds the lock for the job (the other ranks are its own)
@@ -85,8 +86,8 @@ def _fit(cfg: DictConfig) -> L.Trainer:
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls/convs on Ampere+ in TF32: ~same loss, much faster
     torch.backends.cudnn.allow_tf32 = True
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    datamodule = safe_instantiate(cfg.data, stored=False)
+    model = safe_instantiate(cfg.model, stored=False)
     check_latent_cache(model, datamodule)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:  # once the Trainer exists its rank is right under every launcher

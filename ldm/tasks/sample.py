@@ -15,6 +15,7 @@ from ldm.utils.errors import ConfigError, missing_file
 from ldm.utils.images import save_png, to_uint8
 from ldm.utils.labeled_grid import labeled_grid, save_grid
 from ldm.utils.rundir import resolve_checkpoint
+from ldm.utils.safe_config import allow_targets
 
 
 def read_conditions(cfg: DictConfig) -> tuple[list[str], list[int]]:
@@ -65,6 +66,7 @@ def encode_init_image(module, path: str, resolution: int) -> torch.Tensor:
 
 
 def run(cfg: DictConfig) -> Path:
+    allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     t = cfg.task
     [ckpt_path] = resolve_checkpoint(cfg.paths.run_dir, cfg.ckpt)
     module, train_cfg, ckpt = load_module(ckpt_path)

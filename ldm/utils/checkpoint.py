@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.utils.consolidate import read_safetensors, read_sharded_checkpoint
-from ldm.utils.safe_config import safe_instantiate
+from ldm.utils.safe_config import check_stored_config, safe_instantiate
 
 CONFIG_KEY = "ldm_config"
 FIRST_STAGE_CONFIG_KEY = "first_stage_config"  # a diffusion checkpoint's autoencoder config (weights in state_dict)
@@ -25,16 +25,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def checkpoint_config(ckpt: dict[str, Any]) -> DictConfig:
+def checkpoint_config(ckpt: dict[str, Any], source: str = "the checkpoint") -> DictConfig:
+    """The training config stored in a checkpoint dict, refused if it holds an interpolation (see safe_config)."""
     if CONFIG_KEY not in ckpt:
         raise KeyError(f"checkpoint has no `{CONFIG_KEY}`: it was not written by ldm's fit or export task")
+    check_stored_config(ckpt[CONFIG_KEY], source)
     return OmegaConf.create(ckpt[CONFIG_KEY])
 
 
-def build_module(ckpt: dict[str, Any]) -> torch.nn.Module:
+def build_module(ckpt: dict[str, Any], source: str = "the checkpoint") -> torch.nn.Module:
     """Rebuild `cfg.model` from a checkpoint dict's stored config and load its weights (EMA included), eval mode."""
-    model_cfg = checkpoint_config(ckpt).model.copy()
+    model_cfg = checkpoint_config(ckpt, source).model.copy()
     if ckpt.get(FIRST_STAGE_CONFIG_KEY) is not None:
+        check_stored_config(ckpt[FIRST_STAGE_CONFIG_KEY], source)
         # build the first stage from its stored config; its weights come with this state_dict
         model_cfg.first_stage = ckpt[FIRST_STAGE_CONFIG_KEY]
     for name in ckpt.get(EMA_FOLDED_KEY, []):  # the weights are the EMA ones already: no second copy
@@ -47,4 +50,4 @@ def build_module(ckpt: dict[str, Any]) -> torch.nn.Module:
 def load_module(path: str | Path) -> tuple[torch.nn.Module, DictConfig, dict[str, Any]]:
     """The module, its training config and the checkpoint dict, from a .ckpt, .safetensors or sharded directory."""
     ckpt = read_checkpoint(path)
-    return build_module(ckpt), checkpoint_config(ckpt), ckpt
+    return build_module(ckpt, str(path)), checkpoint_config(ckpt, str(path)), ckpt

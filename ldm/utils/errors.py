@@ -9,6 +9,10 @@ class DivergedError(RuntimeError):
     """Training produced non-finite weights or loss; the last good checkpoint was kept (named in the message)."""
 
 
+class CorruptDataError(ValueError):
+    """A data file or cached record is damaged (named in the message, with the fix); raised when skipping is off."""
+
+
 def missing_file(path: str, key: str, what: str = "file") -> FileNotFoundError:
     """A FileNotFoundError that names the config key to set."""
     return FileNotFoundError(f"{what} not found: {path!r}. Set the config key `{key}` to an existing path.")

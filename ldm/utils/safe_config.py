@@ -1,27 +1,116 @@
-"""Rebuild objects from a config stored in a checkpoint, instantiating only allow-listed targets."""
+"""Instantiate configs with targets from an exact allow-list; refuse stored configs that could run code.
+
+A config loaded from disk (a checkpoint, a .safetensors export, a cache manifest) is data written by whoever
+shared the file. Hydra would import and call any `_target_` in it, and OmegaConf would evaluate any `${...}`
+interpolation (resolvers such as `oc.env`, or custom ones) on access. So:
+
+- every `_target_` must be one of ALLOWED_TARGETS, exactly (a prefix such as `torch.` would admit
+  `torch.utils.collect_env.run`, which runs a shell command); the user extends the list from their own command line
+  or config (`security.allow=[my.module.Class]`, applied by each task through `allow_targets`), never from a
+  loaded file;
+- a stored config may hold no interpolation at all (ldm writes configs resolved), and the parts that get built may
+  hold no command-running input (`pipe:` URLs, which webdataset hands to a shell).
+"""
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-ALLOWED_TARGET_PREFIXES = ("ldm.", "torch.", "lightning.", "open_clip.", "webdataset.")
+ALLOWED_TARGETS = frozenset({
+    # ours
+    "ldm.callbacks.image_grid.ImageGrid",
+    "ldm.callbacks.periodic_eval.PeriodicEval",
+    "ldm.data.datamodule.ImageDataModule",
+    "ldm.data.digits.DigitsDataset",
+    "ldm.data.image_folder.ImageFolderDataset",
+    "ldm.data.latents.LatentDataModule",
+    "ldm.data.shapes.ShapesDataset",
+    "ldm.data.webdataset_images.WebImageDataset",
+    "ldm.diffusion.formulations.EDMFormulation",
+    "ldm.diffusion.formulations.FlowFormulation",
+    "ldm.diffusion.formulations.VPFormulation",
+    "ldm.eval.suites.DigitsSuite",
+    "ldm.eval.suites.ShapesSuite",
+    "ldm.models.autoencoder.AutoencoderModule",
+    "ldm.models.first_stage.load_first_stage",
+    "ldm.models.fsdp.FSDP2Strategy",
+    "ldm.models.latent_diffusion.LatentDiffusionModule",
+    "ldm.nn.autoencoder.AutoencoderKL",
+    "ldm.nn.conditioners.ClassConditioner",
+    "ldm.nn.conditioners.OpenCLIPTextConditioner",
+    "ldm.nn.conditioners.TextTransformerConditioner",
+    "ldm.nn.conditioners.Unconditional",
+    "ldm.nn.discriminator.NLayerDiscriminator",
+    "ldm.nn.dit.DiT",
+    "ldm.nn.lpips.LPIPS",
+    "ldm.nn.unet.UNet",
+    # the few library classes the configs build
+    "lightning.pytorch.Trainer",
+    "lightning.pytorch.callbacks.LearningRateMonitor",
+    "lightning.pytorch.loggers.CSVLogger",
+    "lightning.pytorch.loggers.TensorBoardLogger",
+    "lightning.pytorch.loggers.WandbLogger",
+})
+TARGET_KEYS = ("_target_", "_partial_target_")
+COMMAND_PREFIXES = ("pipe:",)
+
+_user_allowed: set[str] = set()
 
 
-def check_targets(cfg: Any, allowed: tuple[str, ...] = ALLOWED_TARGET_PREFIXES, where: str = "") -> None:
-    """Raise if any `_target_` in `cfg` lies outside the allow-list (a shared checkpoint must not run code)."""
-    if isinstance(cfg, (DictConfig, dict)):
-        for key, value in cfg.items():
-            path = f"{where}.{key}" if where else str(key)
-            if key in ("_target_", "_partial_target_") and not str(value).startswith(allowed):
-                raise PermissionError(f"refusing to instantiate `{value}` at `{path}`: not in {allowed}")
-            check_targets(value, allowed, path)
-    elif isinstance(cfg, (ListConfig, list, tuple)):
-        for i, value in enumerate(cfg):
-            check_targets(value, allowed, f"{where}[{i}]")
+def allow_targets(names: list[str] | tuple[str, ...] | ListConfig | None) -> None:
+    """Add exact dotted names to this process's allow-list: call with the user's own `security.allow` only."""
+    for name in names or ():
+        if not isinstance(name, str) or not name or name.endswith("."):
+            raise PermissionError(f"security.allow takes exact dotted names of classes or functions, got {name!r}")
+        _user_allowed.add(name)
 
 
-def safe_instantiate(cfg: Any, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate after checking every target against the allow-list."""
+def is_allowed(target: str) -> bool:
+    return target in ALLOWED_TARGETS or target in _user_allowed
+
+
+def _walk(node: Any, where: str = ""):
+    """(path, key, value) for every dict entry and list item of a plain container, depth first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{where}.{key}" if isinstance(node, dict) and where else f"{where}[{key}]" if where else str(key)
+        yield path, key, value
+        yield from _walk(value, path)
+
+
+def _plain(cfg: Any) -> Any:
+    """A plain dict/list view of a config, interpolations left unevaluated (resolving could run a resolver)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=False)
+    return cfg
+
+
+def check_targets(cfg: Any, *, stored: bool) -> None:
+    """Raise PermissionError naming the first `_target_` outside the allow-list; for a `stored` config also the
+    first command-running input (`pipe:`)."""
+    for path, key, value in _walk(_plain(cfg)):
+        if key in TARGET_KEYS and not (isinstance(value, str) and is_allowed(value)):
+            raise PermissionError(
+                f"refusing to instantiate `{value}` at `{path}`: not on the allow-list of classes and functions "
+                f"(add it from your own command line with security.allow=[{value}] if you trust it)"
+            )
+        if stored and isinstance(value, str) and value.lstrip().startswith(COMMAND_PREFIXES):
+            raise PermissionError(f"refusing a stored command-running input at `{path}` ({value[:40]!r}): `pipe:` "
+                                  f"URLs are accepted from your own command line or config only")
+
+
+def check_stored_config(cfg: Any, source: str) -> None:
+    """Raise PermissionError if a config loaded from `source` holds an interpolation or resolver call (`${...}`):
+    ldm stores configs resolved, so one there was put by hand, and evaluating it could run code."""
+    for path, _, value in _walk(_plain(cfg)):
+        if isinstance(value, str) and "${" in value:
+            raise PermissionError(f"refusing the config stored in {source}: `{path}` holds an interpolation "
+                                  f"({value[:40]!r}), which ldm never writes and will not evaluate")
+
+
+def safe_instantiate(cfg: Any, *, stored: bool = True, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate after checking every target against the allow-list (and, for a config loaded from
+    disk, refusing command-running inputs); `stored=False` for the user's own live config."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    check_targets(cfg)
+    check_targets(cfg, stored=stored)
     return instantiate(cfg, **kwargs)

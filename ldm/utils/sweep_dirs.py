@@ -20,8 +20,8 @@ def with_sweep_dirnames(argv: list[str]) -> list[str]:
     multirun job's directory is named by its swept parameters alone (unchanged argv outside multirun)."""
     if not is_multirun(argv):
         return argv
-    candidates = [a for a in argv[1:] if not a.startswith("-") and "=" in a and not a.startswith(("hydra.", "hydra/"))]
+    candidates = [a for a in argv[1:] if ("=" in a or a.startswith("~")) and not a.startswith(("-", "hydra.", "hydra/"))]
     overrides = OverridesParser.create().parse_overrides(candidates)
-    fixed = {o.get_key_element().lstrip("+~") for o in overrides if not o.is_sweep_override()}
+    fixed = {o.key_or_group for o in overrides if not o.is_sweep_override()}
     excluded = sorted(fixed | set(ALWAYS_EXCLUDED))
     return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"]

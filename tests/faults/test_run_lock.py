@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import ROOT, TINY_AE
-from ldm.data.latent_cache import _claim_abandoned
+from ldm.data.latent_cache.claims import _claim_abandoned
 from ldm.utils.errors import ConfigError
 from ldm.utils.ownership import boot_id, owner_record, process_start
 from ldm.utils.run_lock import RunLock
@@ -95,8 +95,9 @@ def test_only_swept_parameters_name_a_sweep_jobs_directory():
     single = ["main.py", "+experiment=x", "model.lr=1e-4"]
     assert with_sweep_dirnames(single) == single  # not a multirun: untouched
     argv = with_sweep_dirnames(["main.py", "-m", "+experiment=x", "model.lr=1e-4,2e-4", "trainer.max_steps=10",
-                                "hydra/launcher=slurm_1x8", "hydra.launcher.partition=gpu"])
-    assert argv[-1] == "hydra.job.config.override_dirname.exclude_keys=[experiment,name,trainer.max_steps]"
+                                "~callbacks.image_grid", "hydra/launcher=slurm_1x8", "hydra.launcher.partition=gpu"])
+    assert argv[-1] == ("hydra.job.config.override_dirname.exclude_keys="
+                        "[callbacks.image_grid,experiment,name,trainer.max_steps]")
 
 
 @pytest.mark.slow

@@ -1,0 +1,27 @@
+"""The latent cache: a frozen first stage's posteriors of a dataset in verified webdataset tar shards.
+
+One cache directory per split:
+
+    plan.json              what is cached (first stage, source, shard size, shapes); a re-run must match it
+    shard-000000.tar       records `{index:09d}.{json,mean.npy,std.npy[,flip.mean.npy,flip.std.npy],crc32}`
+    shard-000000.json      sidecar: sample count, sha256, bytes, skipped inputs, exact latent sums
+    claims/shard-000000.G  the claim (owner record) of generation G while one process writes that shard
+    manifest.json          written once, atomically, after every shard is complete
+
+Dataset index i goes to shard i // samples_per_shard, so every process agrees on the layout. Shards are written
+to a temp file and renamed, so a kill never leaves a broken shard under its final name, and the manifest only
+exists once all shards do.
+
+Format v2 adds the `crc32` member: 8 hex digits of the crc32 of the record's other members, in order, checked on
+every read. The reader refuses a v1 cache (no checksums) with a message to re-run task=cache_latents rather
+than read it unchecked: caches are cheap to rebuild next to training, and one read path stays simple.
+
+Files, one idea each: format (names, layout), manifest (plan and manifest), claims (work split between
+processes), inputs (checked dataset items), writer (one shard), encode (the loop, cache_latents), verify
+(sha256 and crc32), tar_index and reader (LatentDataset), scaling (latent scale/shift).
+"""
+from ldm.data.latent_cache.encode import CacheResult, cache_latents
+from ldm.data.latent_cache.manifest import read_manifest
+from ldm.data.latent_cache.reader import LatentDataset
+
+__all__ = ["CacheResult", "LatentDataset", "cache_latents", "read_manifest"]

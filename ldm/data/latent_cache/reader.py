@@ -1,0 +1,155 @@
+"""LatentDataset: a map-style dataset over a cache's shards; every read checks the record's crc32.
+
+Each access draws a fresh posterior sample z = mean + std * n (and the mirrored copy with probability 0.5)
+from a generator seeded by (seed, epoch, index), then applies the chosen scale/shift. LatentSampler
+(ldm/data/latents.py) hands the epoch to the dataset with each index, so the draws do not depend on worker
+processes or restarts.
+"""
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ldm.data.latent_cache.format import record_key
+from ldm.data.latent_cache.manifest import read_manifest
+from ldm.data.latent_cache.scaling import latent_scaling
+from ldm.data.latent_cache.tar_index import index_shard
+from ldm.data.latent_cache.verify import check_record, check_shards
+from ldm.data.skips import SkipCounter, check_on_corrupt, skipped_item
+from ldm.utils.errors import ConfigError, CorruptDataError
+
+NPY_V1 = b"\x93NUMPY\x01\x00"
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator seeded by (seed, epoch, index): a sample's noise is the same whatever the loader layout."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _npy(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float16 .npy member as a tensor; v1 headers are skipped rather than parsed (the hot path)."""
+    if not data.startswith(NPY_V1):
+        return torch.from_numpy(np.lib.format.read_array(io.BytesIO(data), allow_pickle=False))
+    offset = 10 + int.from_bytes(data[8:10], "little")  # magic (6), version (2), header length (2)
+    return torch.from_numpy(np.frombuffer(data, dtype="<f2", count=math.prod(shape), offset=offset).reshape(shape).copy())
+
+
+class LatentDataset(Dataset):
+    """Cached posteriors: item i gives a fresh, scaled latent sample z with its caption, label and key.
+
+    A record whose crc32 does not match raises CorruptDataError naming the shard and record, or with
+    on_corrupt="skip" is counted and returned as a skip marker (ldm/data/skips.py).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        scale: str | float = "per_channel",
+        flip: bool = True,
+        verify: bool = False,
+        expected_first_stage_hash: str | None = None,
+        seed: int = 0,
+        on_corrupt: str = "raise",
+    ):
+        self.path = Path(path).expanduser()
+        self.manifest = read_manifest(self.path)
+        self.first_stage_hash = self.manifest["first_stage"]["hash"]
+        if expected_first_stage_hash is not None:
+            self.check_first_stage(expected_first_stage_hash)
+        self.flip, self.seed = flip and self.manifest["flip"], seed
+        self.on_corrupt = check_on_corrupt(on_corrupt, "data.on_corrupt")
+        self.skipped = SkipCounter("latent record")
+        self.members = self.manifest["members"]
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self.scale, self.shift = latent_scaling(self.manifest["stats"], scale, self.latent_shape[0])
+        self.shard_paths = [self.path / s["name"] for s in self.manifest["shards"]]
+        check_shards(self.path, self.manifest["shards"], check_sha256=verify)
+        self._build_index()
+
+    def check_first_stage(self, first_stage_hash: str) -> None:
+        """Refuse a cache encoded by another first stage than the one (by weight hash) the model decodes with."""
+        if first_stage_hash != self.first_stage_hash:
+            raise ConfigError(
+                f"latent cache {str(self.path)!r} was encoded by first stage {self.first_stage_hash[:16]}..., but this "
+                f"model decodes with {first_stage_hash[:16]}...: its latents mean nothing to that decoder. "
+                "Re-run task=cache_latents with this autoencoder, or point the data at its cache."
+            )
+
+    def _build_index(self) -> None:
+        """Flat arrays (not per-sample dicts) so worker processes share them instead of copying on access."""
+        shard_ids, records, spans = [], [], []
+        for shard, (path, entry) in enumerate(zip(self.shard_paths, self.manifest["shards"])):
+            indices, shard_spans = index_shard(path, self.members)
+            if len(indices) != entry["count"]:
+                raise ValueError(f"{path}: {len(indices)} samples, manifest says {entry['count']}")
+            shard_ids.append(np.full(len(indices), shard, dtype=np.int32))
+            records.append(np.asarray(indices, dtype=np.int64))
+            spans.append(shard_spans)
+        self.shard_of = np.concatenate(shard_ids)
+        self.record_of = np.concatenate(records)  # the dataset index each record was cached from (its tar key)
+        self.spans = np.concatenate(spans)  # [N, M, 2]: (offset, size) of each member
+        if len(self.shard_of) != self.manifest["num_samples"]:
+            expected = self.manifest["num_samples"]
+            raise ValueError(f"{self.path}: {len(self.shard_of)} samples indexed, manifest says {expected}")
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+    def read_members(self, index: int) -> dict[str, bytes]:
+        """The checked raw bytes of sample `index`'s members: one positioned read of their contiguous span."""
+        spans = self.spans[index].tolist()
+        start, stop = min(o for o, _ in spans), max(o + n for o, n in spans)
+        shard = self.shard_paths[self.shard_of[index]]
+        fd = os.open(shard, os.O_RDONLY)
+        try:
+            data = os.pread(fd, stop - start, start)
+        finally:
+            os.close(fd)
+        members = {m: data[o - start : o - start + n] for m, (o, n) in zip(self.members, spans)}
+        check_record(members, shard, record_key(int(self.record_of[index])))
+        return members
+
+    def moments(self, index: int) -> dict[str, torch.Tensor]:
+        """The stored float16 posterior moments of sample `index` (keys mean, std[, flip.mean, flip.std])."""
+        members = self.read_members(index)
+        return {m.removesuffix(".npy"): _npy(b, self.latent_shape) for m, b in members.items() if m.endswith(".npy")}
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """`item` is an index (epoch 0) or (epoch, index) as LatentSampler yields it."""
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} cached latents")
+        try:
+            members = self.read_members(index)
+        except CorruptDataError as err:
+            if self.on_corrupt == "raise":
+                raise
+            key = f"{self.shard_paths[self.shard_of[index]].name}:{record_key(int(self.record_of[index]))}"
+            self.skipped.add(key, "crc32 mismatch")
+            return skipped_item(key, "crc32 mismatch", str(err))
+        generator = sample_generator(self.seed, epoch, index)
+        mirrored = self.flip and bool(torch.rand((), generator=generator) < 0.5)
+        prefix = "flip." if mirrored else ""
+        mean = _npy(members[f"{prefix}mean.npy"], self.latent_shape).float()
+        std = _npy(members[f"{prefix}std.npy"], self.latent_shape).float()
+        z = mean + std * torch.randn(mean.shape, generator=generator)  # reparameterised posterior sample
+        meta = json.loads(members["json"])
+        sample = {"latent": (z - self.shift) * self.scale, **{k: meta[k] for k in ("caption", "label", "key")}}
+        if "attrs" in meta:
+            sample["attrs"] = {name: torch.tensor(values, dtype=torch.long) for name, values in meta["attrs"].items()}
+        return sample
+
+    @property
+    def num_skipped(self) -> int:
+        """Records skipped for a crc32 mismatch so far, summed over DataLoader workers."""
+        return self.skipped.count
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [..., C, h, w] back to the first stage's latent space, for decoding."""
+        return z / self.scale.to(z) + self.shift.to(z)
