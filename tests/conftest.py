@@ -20,7 +20,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 def compose_experiment(name: str, overrides: list[str] = ()):
     """The config `python main.py +experiment=NAME *overrides` would run (hydra node included)."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=[f"+experiment={name}", *overrides], return_hydra_config=True)
+        return compose("config", overrides=[f"experiment={name}", *overrides], return_hydra_config=True)
 
 
 @pytest.fixture

@@ -71,6 +71,7 @@ def skipped_item(key: str, reason: str, message: str) -> dict:
 
 
 def is_skipped(item: Any) -> bool:
+    """Whether `item` is a skip marker (see skipped_item)."""
     return isinstance(item, dict) and "skip" in item
 
 

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 
 from ldm.diffusion.noise import SampleNoise, randn_like
+from ldm.utils.errors import ConfigError
 
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor, dict | None], torch.Tensor]  # D(x, sigma, cond) -> x0_hat
 Callback = Callable[[dict], None]
@@ -297,5 +298,6 @@ def resolve_sampler(name: str) -> Callable[..., torch.Tensor]:
         warnings.warn(f"sampler {name!r} is {canonical!r} with{settings}: running that", stacklevel=2)
         return partial(SAMPLERS[canonical], **options)
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)} or {sorted(SAMPLER_ALIASES)}")
+        raise ConfigError(f"unknown sampler {name!r} (config key `task.sampler`): choose one of "
+                          f"{', '.join(sorted(SAMPLERS))} (aliases: {', '.join(sorted(SAMPLER_ALIASES))})")
     return SAMPLERS[name]

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from ldm.utils.errors import ConfigError
+
 SPACINGS = ("leading", "trailing", "linspace")  # discrete VP models only
 SCHEDULES = ("default", *SPACINGS, "karras", "flow")  # "default": the formulation's usual choice
 
@@ -96,6 +98,13 @@ def flow_sigmas(n: int, shift: float = 1.0, t_max: float = 0.999) -> torch.Tenso
     return t / (1 - t)
 
 
+def check_schedule(schedule: str) -> str:
+    """The schedule name, or a ConfigError listing the names (before any work is done)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown step schedule {schedule!r} (config key `task.schedule`): {' | '.join(SCHEDULES)}")
+    return schedule
+
+
 def continuous_step_sigmas(
     schedule: str, n: int, sigma_min: float, sigma_max: float, flow_t_max: float = 0.999, model: str = "this model"
 ) -> torch.Tensor:
@@ -106,4 +115,5 @@ def continuous_step_sigmas(
         return flow_sigmas(n, t_max=flow_t_max)
     if schedule in SPACINGS:
         raise ValueError(f"schedule {schedule!r} needs a discrete VP model, not {model}")
-    raise ValueError(f"unknown step schedule {schedule!r}: {' | '.join(SCHEDULES)}")
+    check_schedule(schedule)  # an unknown name: the error lists the known ones
+    raise AssertionError(f"schedule {schedule!r} is listed in SCHEDULES but has no sigmas here")

@@ -10,6 +10,13 @@ from rich.progress import track
 from ldm.diffusion.guidance import CFGDenoiser
 from ldm.diffusion.noise import SampleNoise
 from ldm.diffusion.samplers import resolve_sampler
+from ldm.diffusion.step_schedules import check_schedule
+
+
+def check_sampling(sampler: str, schedule: str) -> None:
+    """Fail before any work (loading, sampling) when the sampler or the step schedule name is unknown."""
+    resolve_sampler(sampler)
+    check_schedule(schedule)
 
 
 @torch.no_grad()

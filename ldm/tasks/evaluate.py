@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ldm.models.generate import Job, render
+from ldm.models.generate import Job, check_sampling, render
 from ldm.utils.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from ldm.utils.checkpoint import load_module
 from ldm.utils.errors import ConfigError
@@ -77,6 +77,7 @@ def print_table(rows: list[dict], floor: dict[str, float]) -> None:
 def run(cfg: DictConfig) -> list[dict]:
     allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     t = cfg.task
+    check_sampling(t.sampler, t.schedule)
     if OmegaConf.select(cfg, "eval") is None:
         raise ConfigError("this experiment has no `eval` suite (e.g. eval._target_=ldm.eval.suites.ShapesSuite)")
     suite = safe_instantiate(cfg.eval, stored=False)

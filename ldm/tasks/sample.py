@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.transforms import load_rgb, prepare_image
-from ldm.models.generate import Job, render
+from ldm.models.generate import Job, check_sampling, render
 from ldm.utils.atomic import atomic_write_json, atomic_write_text
 from ldm.utils.checkpoint import load_module
 from ldm.utils.dist_env import dist_env
@@ -68,6 +68,7 @@ def encode_init_image(module, path: str, resolution: int) -> torch.Tensor:
 def run(cfg: DictConfig) -> Path:
     allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     t = cfg.task
+    check_sampling(t.sampler, t.schedule)
     [ckpt_path] = resolve_checkpoint(cfg.paths.run_dir, cfg.ckpt)
     module, train_cfg, ckpt = load_module(ckpt_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -54,5 +54,6 @@ def check_record(members: dict[str, bytes], shard: Path, key: str) -> None:
         raise CorruptDataError(
             f"latent shard {str(shard)!r}, record {key}: crc32 mismatch, its bytes changed on disk after caching. "
             "Re-run task=cache_latents with the same settings (it re-hashes every shard and rewrites damaged ones; "
-            "data.verify=true checks them all before training), or set data.on_corrupt=skip to count and skip such records"
+            "data.verify=true checks them all before training), or set data.on_corrupt=skip to count and skip such "
+            "records"
         )
