@@ -32,6 +32,7 @@ def main(cfg: DictConfig) -> None:
         task.run(cfg)
     except Exception as error:  # one line, unless the user asked for the traceback
         if cli.full_errors(cfg.get("debug", False)):
+            os.environ["HYDRA_FULL_ERROR"] = "1"  # else Hydra prints errors raised while building objects compactly
             raise
         clear = cli.clear_cause(error, CLEAR_ERRORS)
         print(f"error: {cli.task_error_line(error, clear)}", file=sys.stderr)

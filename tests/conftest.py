@@ -43,8 +43,8 @@ TINY_UNET = ["model.backbone.model_channels=32", "model.backbone.channel_mult=[1
 TINY_TEXT = ["model.conditioner.width=32", "model.conditioner.layers=1", "model.conditioner.heads=2"]
 # shapes_txt2img without the backbone and conditioner sizes (for swapping those)
 TINY_LDM = [
-    "model.warmup_steps=0", "model.lr=1e-3", "data.batch_size=8", "data.num_workers=0", "trainer.limit_val_batches=1",
-    "model.sample_steps=2", "model.sample_prompts=[a red circle]", "model.sample_seeds=[0,1]",
+    "model.optimizer.warmup_steps=0", "model.optimizer.lr=1e-3", "data.batch_size=8", "data.num_workers=0",
+    "trainer.limit_val_batches=1", "sampling.steps=2", "sampling.prompts=[a red circle]", "sampling.seeds=[0,1]",
     "~callbacks.periodic_eval",  # its suite renders 32 px scenes; tests/test_evaluate.py runs it at 16 px
     *QUIET,
 ]

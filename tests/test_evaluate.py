@@ -38,7 +38,8 @@ def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_f
     with restored_environ():
         fit.run(compose_run("shapes_txt2img", [  # TINY_TXT2IMG drops the callback (32 px suite): add it back small
             *overrides, "+callbacks.periodic_eval._target_=ldm.callbacks.periodic_eval.PeriodicEval",
-            "+callbacks.periodic_eval.suite=${eval}", "+callbacks.periodic_eval.out_dir=${paths.run_dir}/eval",
+            "+callbacks.periodic_eval.suite=${eval}", "+callbacks.periodic_eval.sampling=${sampling}",
+            "+callbacks.periodic_eval.out_dir=${paths.run_dir}/eval",
             "+callbacks.periodic_eval.every_n_steps=3", "+callbacks.periodic_eval.num_samples=4",
             "+callbacks.periodic_eval.steps=2",
         ]))
@@ -51,7 +52,7 @@ def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_f
         assert all(0.0 <= float(r[k]) <= 1.0 for k in r if k.startswith("acc_"))
         assert 0 < float(r["fid_shapes"]) < float("inf")
 
-    eval_cfg = compose_run("shapes_txt2img", [*overrides, "task=evaluate", "ckpt=all", "task.steps=2",
+    eval_cfg = compose_run("shapes_txt2img", [*overrides, "task=evaluate", "task.ckpt=all", "sampling.steps=2",
                                               "task.progress=false"])
     rows = evaluate.run(eval_cfg)
     assert [r["step"] for r in rows] == [3, 6]

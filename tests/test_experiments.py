@@ -30,7 +30,7 @@ TINY_DIGITS_AE = ["model.net.ch=8", *QUIET, "trainer.limit_val_batches=1"]  # 32
 TINY_F8 = ["model.net.ch=8", "model.net.ch_mult=[1,1,2,2]", "data.resolution=32", "data.batch_size=4",
            "data.num_workers=0", "trainer=cpu", "model.disc_start=1", "model.discriminator.ndf=8", *QUIET]
 TINY_DIT = ["model.backbone.hidden_size=32", "model.backbone.depth=1", "model.backbone.num_heads=2", *TINY_TEXT]
-SMALL_SAMPLE = ["task.steps=2", "task.batch_size=4", "task.progress=false"]
+SMALL_SAMPLE = ["sampling.steps=2", "sampling.batch_size=4", "task.progress=false"]
 SMALL_PERIODIC_EVAL = ["callbacks.periodic_eval.every_n_steps=1", "callbacks.periodic_eval.num_samples=2",
                        "callbacks.periodic_eval.steps=2"]
 
@@ -70,12 +70,13 @@ def runs(root, image_folder, shapes_feature_weights, tiny_clip, tmp_path_factory
         "autoencoder_kl_f8": [*TINY_F8, f"data.root={image_folder}"],
         "shapes_txt2img": [*TINY_UNET, *TINY_TEXT, "eval.resolution=16", f"eval.feature_weights={shapes_feature_weights}"],
         "shapes_txt2img_dit": [*TINY_DIT, "eval.resolution=16", f"eval.feature_weights={shapes_feature_weights}"],
-        "digits_class2img": [*TINY_UNET, "model.conditioner.dim=32", "model.sample_prompts=null", f"eval.classifier_weights={digits_classifier}"],
+        "digits_class2img": [*TINY_UNET, "model.conditioner.dim=32", "sampling.prompts=null", f"eval.classifier_weights={digits_classifier}"],
         "txt2img": [*TINY_UNET, "model.backbone.head_dim=16", "model.backbone.context_dim=32",
                     f"model.conditioner.model_name={tiny_clip}", f"model.conditioner.pretrained={tower}",
                     "model.latent_shape=[4,4,4]", "trainer=cpu", "data.flip=false"],
     }
-    ldm_fit = [o for o in TINY_LDM if "periodic_eval" not in o]  # TINY_LDM drops the callback: keep it, small
+    # TINY_LDM drops the periodic evaluation and the progress bar: keep both, as users run them (small)
+    ldm_fit = [o for o in TINY_LDM if "periodic_eval" not in o and "enable_progress_bar" not in o]
 
     def run(name: str, task: str, *overrides: str):
         from ldm.tasks import cache_latents, evaluate, fit, sample

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from conftest import TINY_TXT2IMG, compose_experiment, compose_run, restored_environ, run_main
 from ldm.diffusion.guidance import cfg_dropout
 from ldm.diffusion.loss import denoising_loss
-from ldm.models.fsdp import FSDP2Strategy, outermost_blocks, shard_module
+from ldm.models.fsdp import FSDP2Strategy, outermost_blocks, shard_module, shard_with_ema
 from ldm.nn.attention import SpatialTransformer, TransformerBlock
 from ldm.nn.conditioners import TextTransformerConditioner
 from ldm.nn.dit import DiT, DiTBlock
@@ -64,7 +64,7 @@ def shard_and_train(rank: int, world: int, port: int, cfg: dict, out: Path) -> N
         reference = copy.deepcopy(module)
         mesh = init_device_mesh("cpu", (world,))
         blocks = (ResBlock, SpatialTransformer, TransformerBlock)
-        module.shard(lambda part, trained, forward_methods: shard_module(
+        shard_with_ema(module, lambda part, trained, forward_methods: shard_module(
             part, mesh, blocks, activation_checkpointing=trained, forward_methods=forward_methods))
         opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (module, reference)]
         x0 = torch.randn(4, *module.latent_shape, generator=torch.Generator().manual_seed(1))

@@ -167,9 +167,10 @@ def test_manifest_statistics_match_direct_computation(cache, first_stage, shapes
     torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(4), atol=0.05, rtol=0)
     torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(4), atol=0.05, rtol=0)
     unscaled = LatentDataset(cache, scale=1.0, flip=False)[3]["latent"]
-    assert torch.allclose(data.unscale(data[3]["latent"]), unscaled, atol=1e-5)
+    assert torch.allclose(data.norm.unnormalize(data[3]["latent"]), unscaled, atol=1e-5)
     overall = LatentDataset(cache, scale="global_std", flip=False)
-    assert torch.allclose(overall.scale, torch.full((4, 1, 1), 1 / manifest["stats"]["std_all"])) and not overall.shift.any()
+    assert torch.allclose(overall.norm.scale, torch.full((4, 1, 1), 1 / manifest["stats"]["std_all"]))
+    assert not overall.norm.shift.any()
 
 
 def test_flip_copies_stored_and_used(cache, first_stage, shapes):
@@ -476,7 +477,7 @@ def test_lightning_resumes_mid_epoch_exactly(cache, tmp_path):
         return LatentDataModule(str(cache), str(cache), batch_size=4, num_workers=0, seed=3)
 
     dm = datamodule()
-    assert dm.scale.shape == (4, 1, 1) and dm.latent_shape == (4, 8, 8) and len(dm.val_dataloader()) == 11
+    assert dm.norm.scale.shape == (4, 1, 1) and dm.latent_shape == (4, 8, 8) and len(dm.val_dataloader()) == 11
     reference = fit(dm, max_steps=25, root=tmp_path / "a")  # 11 batches per epoch: crosses two epochs
     first = fit(datamodule(), max_steps=8, root=tmp_path / "b")
     resumed = fit(datamodule(), max_steps=25, root=tmp_path / "c", ckpt_path=tmp_path / "b" / "step=8.ckpt")
@@ -502,7 +503,7 @@ def test_task_caches_train_and_val(ae_ckpt, tmp_path):
         assert manifest["num_samples"] == count and manifest["source"]["size"] == count
         assert results[split].encoded == count
     assert task.run(cfg)["train"].shards_found_complete == 3
-    cfg.ckpt = str(tmp_path / "nope.ckpt")
+    cfg.task.ckpt = str(tmp_path / "nope.ckpt")
     with pytest.raises(ConfigError, match="ckpt"):
         task.run(cfg)
 

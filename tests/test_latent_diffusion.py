@@ -1,27 +1,34 @@
 """LatentDiffusionModule: training lowers the loss for every formulation, checkpoints rebuild the same sampler,
 EMA, latent scaling from the cache, CFG dropout, the NaN guard, DiT and class conditioning, DDP on CPU."""
+import inspect
 import json
 import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from conftest import CONFIGS, ROOT, TINY_LDM, TINY_TEXT, TINY_TXT2IMG, TINY_UNET, compose_run, run_main
+from ldm.callbacks.image_grid import ImageGrid
 from ldm.data.latents import LatentDataModule
 from ldm.diffusion.formulations import EDMFormulation, FlowFormulation, VPFormulation
 from ldm.diffusion.loss import denoising_loss
 from ldm.models import latent_diffusion
 from ldm.models.latent_diffusion import LatentDiffusionModule, NonFiniteLossError
+from ldm.models.optimizer import AdamWSchedule
+from ldm.models.sampling import Sampling
 from ldm.nn.conditioners import ClassConditioner, TextTransformerConditioner, Unconditional
 from ldm.nn.dit import DiT
 from ldm.nn.unet import UNet
 from ldm.tasks.fit import build_trainer
 from ldm.utils.checkpoint import load_module, read_checkpoint
+from ldm.utils.images import grid
 
 LATENT_SHAPE = (4, 8, 8)
 
@@ -81,16 +88,21 @@ FORMULATIONS = {
 def test_training_lowers_the_loss(name):
     torch.manual_seed(0)
     module = LatentDiffusionModule(tiny_unet(), FORMULATIONS[name](), Unconditional(), latent_shape=LATENT_SHAPE,
-                                   lr=5e-3, ema_decay=None, cfg_dropout_prob=0.0)
+                                   optimizer=AdamWSchedule(lr=5e-3), ema_decay=None, cfg_dropout_prob=0.0)
     before = held_out_loss(module)
     fit(module, steps=40)
     after = held_out_loss(module)
     assert after < 0.9 * before, f"{name}: held-out loss {before:.4f} -> {after:.4f}"
 
 
+def test_the_module_takes_at_most_twelve_training_concepts():
+    parameters = [p for p in inspect.signature(LatentDiffusionModule.__init__).parameters if p != "self"]
+    assert len(parameters) <= 12, parameters
+
+
 def test_plain_dataloader_cannot_scale_lr_with_an_unknown_batch():
     module = LatentDiffusionModule(tiny_unet(), VPFormulation(), Unconditional(), latent_shape=LATENT_SHAPE,
-                                   scale_lr=True)
+                                   optimizer=AdamWSchedule(scale_lr=True))
     with pytest.raises(ValueError, match="scale_lr"):
         fit(module, steps=1)
 
@@ -183,13 +195,24 @@ def test_ema_lives_in_the_checkpoint_and_samples_by_default(tiny_runs):
 def test_latent_scale_and_shift_come_from_the_cache(tiny_runs):
     module = tiny_runs.ldm_trainer.lightning_module
     data = LatentDataModule(str(tiny_runs.cache / "train"), batch_size=8)
-    assert not torch.allclose(data.scale, torch.ones(4, 1, 1))  # real statistics, not the defaults
+    assert not torch.allclose(data.norm.scale, torch.ones(4, 1, 1))  # real statistics, not the defaults
     state = read_checkpoint(tiny_runs.ldm_ckpt)["state_dict"]
-    for name, expected in (("latent_scale", data.scale), ("latent_shift", data.shift)):
-        assert torch.equal(getattr(module, name), expected.flatten())
-        assert torch.equal(state[name], expected.flatten())
+    for name, expected in (("scale", data.norm.scale), ("shift", data.norm.shift)):
+        assert torch.equal(getattr(module.latent_norm, name), expected)
+        assert torch.equal(state[f"latent_norm.{name}"], expected)
     z = torch.randn(2, *LATENT_SHAPE)
-    torch.testing.assert_close(module.unnormalize(z), data.train.unscale(z))
+    torch.testing.assert_close(module.latent_norm.unnormalize(z), data.train.norm.unnormalize(z))
+
+
+def test_training_grids_use_the_shared_sampling_settings(tiny_runs):
+    """The image_grid callback drew sampling.prompts (rows) x sampling.seeds (columns) with sampling.steps."""
+    module = tiny_runs.ldm_trainer.lightning_module.eval()
+    [grid_callback] = [c for c in tiny_runs.ldm_trainer.callbacks if isinstance(c, ImageGrid)]
+    assert grid_callback.sampling == Sampling(steps=2, guidance_scale=3.0, prompts=["a red circle"], seeds=[0, 1])
+    written = np.asarray(Image.open(tiny_runs.root / "experiments" / "ldm" / "samples" /
+                                    f"samples-step{tiny_runs.ldm_steps:08d}.png"))
+    expected = module.sample(module.sample_batch(["a red circle"] * 2, None), [0, 1], steps=2, guidance_scale=3.0)
+    assert np.array_equal(written, grid(expected[None]).numpy())
 
 
 # --- other backbones and conditioners through the same module and configs ---
@@ -209,7 +232,7 @@ def test_dit_backbone_trains_and_samples():
     torch.manual_seed(0)
     module = composed_module(*TINY_TEXT, "model/backbone=dit_s", "model.backbone.hidden_size=32",
                              "model.backbone.depth=1", "model.backbone.num_heads=2", "model/formulation=flow",
-                             "model.lr=5e-3", "model.cfg_dropout_prob=0.2")
+                             "model.optimizer.lr=5e-3", "model.cfg_dropout_prob=0.2")
     assert isinstance(module.denoiser.net, DiT) and module.denoiser.net.context_dim == 32
     assert isinstance(module.formulation, FlowFormulation)
     before = held_out_loss(module)
@@ -226,7 +249,7 @@ def test_class_conditioning_wires_y_dim():
     # the model group alone, swapped as on the command line (shapes_txt2img's text-encoder keys would not fit)
     cfg = compose_model_group("model/conditioner=class", *TINY_UNET, "model.conditioner.num_classes=4",
                               "model.conditioner.dim=32", "model.backbone.y_dim=${model.conditioner.dim}",
-                              "model.lr=5e-3", "model.cfg_dropout_prob=0.2")
+                              "model.optimizer.lr=5e-3", "model.cfg_dropout_prob=0.2")
     module = instantiate(cfg.model)
     assert isinstance(module.conditioner, ClassConditioner) and module.denoiser.net.y_dim == 32
     before = held_out_loss(module)

@@ -30,7 +30,7 @@ def test_resume_picks_last_and_refuses_fresh_start_over_checkpoints(tmp_path):
 
 
 def test_resolve_checkpoint_names_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="`ckpt`"):
+    with pytest.raises(ConfigError, match="`task.ckpt`"):
         resolve_checkpoint(tmp_path, "last")
 
 
@@ -54,9 +54,12 @@ def test_atomic_save_survives_a_kill_mid_write(tmp_path):
 
 
 def test_safe_instantiate_refuses_targets_outside_the_allow_list():
-    assert isinstance(safe_instantiate({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}), torch.nn.Linear)
-    with pytest.raises(PermissionError, match="os.system"):
-        check_targets(OmegaConf.create({"a": {"b": [{"_target_": "os.system", "_args_": ["true"]}]}}))
+    conditioner = {"_target_": "ldm.nn.conditioners.ClassConditioner", "num_classes": 2, "dim": 4}
+    assert safe_instantiate(conditioner).y_dim == 4
+    with pytest.raises(PermissionError, match="`torch.nn.Linear` at `_target_`"):  # exact names, not a torch. prefix
+        safe_instantiate({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3})
+    with pytest.raises(PermissionError, match=r"`os.system` at `a.b\[0\]._target_`"):
+        check_targets(OmegaConf.create({"a": {"b": [{"_target_": "os.system", "_args_": ["true"]}]}}), stored=True)
 
 
 def test_ema_tracks_weights_with_warmup():

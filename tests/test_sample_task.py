@@ -17,8 +17,8 @@ from ldm.utils.checkpoint import load_module
 from ldm.utils.errors import ConfigError
 from ldm.utils.images import save_png, to_uint8
 
-PROMPTS = "prompts=[a large red circle in the center,a small blue square in the top left]"
-FAST = ["task.steps=3", "task.seeds=[0,1,2]", "task.progress=false", "task.guidance_scale=2.0"]
+PROMPTS = "task.prompts=[a large red circle in the center,a small blue square in the top left]"
+FAST = ["sampling.steps=3", "sampling.seeds=[0,1,2]", "task.progress=false", "sampling.guidance_scale=2.0"]
 
 
 def run_sample(tiny_runs, *overrides: str) -> Path:
@@ -80,10 +80,10 @@ def test_rerun_gives_identical_files(tiny_runs, prompts_x_seeds):
 
 
 def test_batch_size_does_not_change_images(tiny_runs, prompts_x_seeds):
-    one_by_one = run_sample(tiny_runs, PROMPTS, *FAST, "task.batch_size=1", "task.tag=bs1")
-    fours = run_sample(tiny_runs, PROMPTS, *FAST, "task.batch_size=4", "task.tag=bs4")
+    one_by_one = run_sample(tiny_runs, PROMPTS, *FAST, "sampling.batch_size=1", "task.tag=bs1")
+    fours = run_sample(tiny_runs, PROMPTS, *FAST, "sampling.batch_size=4", "task.tag=bs4")
     for r in records(prompts_x_seeds):
-        reference = pixels(prompts_x_seeds / r["file"]).astype(int)  # all six in one batch of 16
+        reference = pixels(prompts_x_seeds / r["file"]).astype(int)  # all six in one batch
         for other in (one_by_one, fours):
             # batched matmuls round differently in the last float bit: at most one uint8 level apart
             assert np.abs(pixels(other / r["file"]).astype(int) - reference).max() <= 1
@@ -106,11 +106,11 @@ def test_img2img_departs_from_the_init_reconstruction_with_strength(tiny_runs, t
     module, _, _ = load_module(tiny_runs.ldm_ckpt)
     with torch.no_grad():
         z = sample.encode_init_image(module, str(init), 16)
-        reconstruction = to_uint8(module.first_stage.decode(module.unnormalize(z)).clamp(-1, 1))[0]
+        reconstruction = to_uint8(module.first_stage.decode(module.latent_norm.unnormalize(z)).clamp(-1, 1))[0]
     reconstruction = reconstruction.permute(1, 2, 0).numpy().astype(float)
 
     def distance(strength: float) -> float:
-        out = run_sample(tiny_runs, f"prompts=[{scene['caption']}]", "task.seeds=[0]", "task.steps=20",
+        out = run_sample(tiny_runs, f"task.prompts=[{scene['caption']}]", "sampling.seeds=[0]", "sampling.steps=20",
                          "task.progress=false", "task.grid=none", f"task.init_image={init}",
                          f"task.strength={strength}", f"task.tag=img2img{strength}")
         [record] = records(out)
@@ -126,7 +126,7 @@ def test_init_image_is_centre_cropped_not_stretched(tmp_path):
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)  # H=32, W=48
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    module = SimpleNamespace(device="cpu", normalize=lambda z: z,
+    module = SimpleNamespace(device="cpu", latent_norm=SimpleNamespace(normalize=lambda z: z),
                              first_stage=SimpleNamespace(encode=lambda x: SimpleNamespace(mean=x)))
     exact = sample.encode_init_image(module, str(tmp_path / "wide.png"), 32)[0]
     assert torch.equal(to_uint8(exact).permute(1, 2, 0), torch.from_numpy(wide[:, 8:40]))  # columns 8..39
@@ -137,7 +137,7 @@ def test_init_image_is_centre_cropped_not_stretched(tmp_path):
 
 def test_missing_prompts_names_the_keys(tiny_runs):
     with pytest.raises(ConfigError, match="prompts=.*prompts_file=.*labels="):
-        run_sample(tiny_runs, "prompts=null", *FAST)  # shapes_txt2img defaults to its sample_prompts
+        run_sample(tiny_runs, "task.prompts=null", *FAST)  # shapes_txt2img defaults to its sampling.prompts
 
 
 @pytest.mark.parametrize("where", ["model", "first_stage"])
@@ -152,7 +152,7 @@ def test_rebuild_refuses_targets_outside_the_allow_list(tiny_runs, tmp_path, whe
     path = tmp_path / "evil.ckpt"
     torch.save(ckpt, path)
     with pytest.raises(PermissionError, match="os.system"):
-        run_sample(tiny_runs, PROMPTS, *FAST, f"ckpt={path}")
+        run_sample(tiny_runs, PROMPTS, *FAST, f"task.ckpt={path}")
     assert not marker.exists()
     shutil.copy(tiny_runs.ldm_ckpt, path)  # the untouched checkpoint rebuilds from the same path
     assert load_module(path)[0].latent_shape == (4, 8, 8)

@@ -22,14 +22,14 @@ def test_shrunken_txt2img_trains_with_a_frozen_local_openclip_tower(tiny_runs, t
         "model.latent_shape=[4,8,8]", "model.backbone.model_channels=32", "model.backbone.channel_mult=[1,2]",
         "model.backbone.num_res_blocks=1", "model.backbone.attention_resolutions=[2,1]", "model.backbone.head_dim=16",
         "model.backbone.context_dim=32", f"model.conditioner.model_name={tiny_clip}",
-        f"model.conditioner.pretrained={tower}", "model.warmup_steps=2", "data.batch_size=4", "data.num_workers=0",
-        "data.flip=false", "model.sample_steps=2", "model.sample_seeds=[0]", "callbacks=none", *QUIET,
+        f"model.conditioner.pretrained={tower}", "model.optimizer.warmup_steps=2", "data.batch_size=4", "data.num_workers=0",
+        "data.flip=false", "sampling.steps=2", "sampling.seeds=[0]", "callbacks=none", *QUIET,
     ]
     cfg = compose_run("txt2img", overrides)
     # everything not overridden is the cluster setting
     assert cfg.model.backbone._target_ == "ldm.nn.unet.UNet" and cfg.model.backbone.gradient_checkpointing
     assert cfg.model.conditioner.layer == "penultimate" and cfg.model.formulation.prediction == "v"
-    assert cfg.model.scale_lr and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.model.optimizer.scale_lr and cfg.trainer.gradient_clip_val == 1.0
     with restored_environ():
         trainer = fit.run(cfg)
     trained = trainer.lightning_module

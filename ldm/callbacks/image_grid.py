@@ -1,10 +1,14 @@
-"""Writes `pl_module.log_images(batch)` grids to `<run_dir>/samples/` and to the logger every N steps."""
+"""Grids written to `<run_dir>/samples/` and to the loggers every N steps: a diffusion model's samples with the
+shared sampling settings, or what another module shows of a fixed validation batch (`log_images`)."""
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
+from ldm.models.generate import render
+from ldm.models.latent_diffusion import LatentDiffusionModule
+from ldm.models.sampling import Sampling, conditions
 from ldm.utils.images import grid, save_png
 
 
@@ -17,10 +21,13 @@ def log_to_logger(logger, key: str, image_hwc: torch.Tensor, step: int) -> None:
 
 
 class ImageGrid(L.Callback):
-    """Fixed validation batch -> grids of what the module chooses to show (reconstructions, samples)."""
+    """A LatentDiffusionModule shows `samples`: the sampling's prompts or labels (rows; without either, the captions
+    of a fixed validation batch) x its seeds (columns), drawn with its settings. Other modules show `log_images` of
+    a fixed validation batch of `num_images` (an autoencoder: input | reconstruction pairs)."""
 
-    def __init__(self, out_dir: str, every_n_steps: int = 500, num_images: int = 8):
+    def __init__(self, out_dir: str, every_n_steps: int = 500, num_images: int = 8, sampling: Sampling | None = None):
         self.out_dir, self.every_n_steps, self.num_images = Path(out_dir), every_n_steps, num_images
+        self.sampling = sampling or Sampling()
         self._batch = None
         self._written_step = -1
 
@@ -34,12 +41,25 @@ class ImageGrid(L.Callback):
             self._batch = {k: v[: self.num_images] for k, v in batch.items() if not isinstance(v, dict)}
         return pl_module.transfer_batch_to_device(self._batch, pl_module.device, 0)
 
+    def samples(self, trainer, pl_module: LatentDiffusionModule) -> torch.Tensor:
+        """[rows, seeds, C, H, W]: every rank samples (a sharded model samples collectively)."""
+        prompts, labels = self.sampling.prompts, self.sampling.labels
+        if not prompts and not labels:
+            prompts = list(self._fixed_batch(trainer, pl_module)["caption"])
+        rows = self.sampling.grid_jobs(conditions(prompts, labels))
+        images = render(pl_module, [job for row in rows for job in row], self.sampling)
+        return images.reshape(len(rows), len(rows[0]), *images.shape[1:])
+
     def write(self, trainer, pl_module) -> list[Path]:
-        if not hasattr(pl_module, "log_images"):
+        is_diffusion = isinstance(pl_module, LatentDiffusionModule)
+        if not is_diffusion and not hasattr(pl_module, "log_images"):
             return []
         was_training = pl_module.training
         pl_module.eval()
-        images = pl_module.log_images(self._fixed_batch(trainer, pl_module))
+        if is_diffusion:
+            images = {"samples": self.samples(trainer, pl_module)}
+        else:
+            images = pl_module.log_images(self._fixed_batch(trainer, pl_module))
         pl_module.train(was_training)
         paths = []
         step = self._written_step = trainer.global_step

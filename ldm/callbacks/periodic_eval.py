@@ -1,32 +1,30 @@
 """A small evaluation every N training steps: the experiment's suite scores EMA samples for fixed conditions."""
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
-from omegaconf import OmegaConf
 
-from ldm.models.generate import Job, render
+from ldm.models.generate import render
+from ldm.models.sampling import Sampling, conditions
 
 
 class PeriodicEval(L.Callback):
-    """Samples the suite's first `num_samples` conditions (seeds seed_offset + i, the same at every step), scores
-    them and logs `eval/<metric>` to the loggers and to `<out_dir>/during_training.csv`.
+    """Samples the suite's first `num_samples` conditions (seeds seed_offset + i, the same at every step) with the
+    shared `sampling` settings, `steps` overriding its steps to keep it cheap, scores them and logs
+    `eval/<metric>` to the loggers and to `<out_dir>/during_training.csv`.
 
     Every rank samples (under FSDP each rank holds a shard, so sampling is collective); rank 0 scores and logs.
     `task=evaluate` is the full-size evaluation of saved checkpoints.
     """
 
-    def __init__(self, suite, out_dir: str, every_n_steps: int = 500, num_samples: int = 64, sampler: str = "euler",
-                 steps: int = 10, guidance_scale: float = 3.0, batch_size: int = 64, seed_offset: int = 0):
+    def __init__(self, suite, out_dir: str, sampling: Sampling, every_n_steps: int = 500, num_samples: int = 64,
+                 steps: int | None = None):
         if every_n_steps <= 0 or num_samples <= 0:
             raise ValueError(f"every_n_steps and num_samples must be positive, got {every_n_steps}, {num_samples}")
         self.suite, self.out_dir, self.every_n_steps = suite, Path(out_dir), every_n_steps
-        prompts, labels = suite.conditions()
-        n = min(num_samples, len(prompts or labels))
-        self.jobs = [Job(prompts[i] if prompts else "", labels[i] if labels else -1, seed_offset + i, sampler, steps,
-                         guidance_scale) for i in range(n)]
-        self.settings = OmegaConf.create(dict(use_ema=True, schedule="default", guidance_rescale=0.0, strength=1.0,
-                                              batch_size=batch_size, progress=False))
+        self.sampling = replace(sampling, steps=steps) if steps is not None else sampling
+        self.jobs = self.sampling.numbered_jobs(conditions(*suite.conditions())[:num_samples])
         self._scored_step = -1
 
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
@@ -34,7 +32,7 @@ class PeriodicEval(L.Callback):
         self._scored_step = step = trainer.global_step
         was_training = pl_module.training
         pl_module.eval()
-        images = render(pl_module, self.jobs, self.settings)
+        images = render(pl_module, self.jobs, self.sampling)
         pl_module.train(was_training)
         if not trainer.is_global_zero:
             return {}

@@ -42,7 +42,7 @@ class StartupSummary(L.Callback):
                          f"x {accumulation} accumulation")
         lr = peak_lr(trainer)
         if lr is not None:
-            scaled = " (scaled with the global batch)" if getattr(pl_module, "scale_lr", False) else ""
+            scaled = " (scaled with the global batch)" if getattr(getattr(pl_module, "optimizer", None), "scale_lr", False) else ""
             lines.append(f"lr            {lr:.4g} peak{scaled}")
         if trainer.ckpt_path is None:
             lines.append("fresh start")

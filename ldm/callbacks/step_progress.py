@@ -25,8 +25,19 @@ class StepProgress(ProgressBar):
         self._bar: Progress | None = None
         self._start = (0.0, 0)  # (time, step) at the start of this process's training
 
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
     def disable(self) -> None:
         self._enabled = False
+
+    def print(self, *args, **kwargs) -> None:
+        """LightningModule.print goes here while training: above the bar on a terminal, a plain line elsewhere."""
+        if self._bar is not None:
+            self._bar.console.print(*args, **kwargs)
+        else:
+            print(*args, **kwargs, flush=True)
 
     def enable(self) -> None:
         self._enabled = True

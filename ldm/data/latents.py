@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ldm.data.latent_cache.reader import LatentDataset
+from ldm.data.latent_norm import LatentNorm
 from ldm.data.skips import KeptLoader, collate_kept, kept_batches
 from ldm.utils.dist_env import dist_env
 
@@ -109,7 +110,7 @@ class ResumableDataLoader(DataLoader):
 
 
 class LatentDataModule(L.LightningDataModule):
-    """Train/val loaders over latent caches; exposes the latent `scale`/`shift` the diffusion model stores."""
+    """Train/val loaders over latent caches; exposes the latent normalisation (`norm`) the diffusion model stores."""
 
     def __init__(
         self,
@@ -138,7 +139,7 @@ class LatentDataModule(L.LightningDataModule):
         # validation reads the unmirrored posteriors, scaled like training (the train cache's statistics)
         self.val = LatentDataset(val_path, flip=False, **options) if val_path is not None else None
         if self.val is not None:
-            self.val.scale, self.val.shift = self.train.scale, self.train.shift
+            self.val.norm = self.train.norm
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
 
@@ -149,12 +150,9 @@ class LatentDataModule(L.LightningDataModule):
                 dataset.check_first_stage(first_stage_hash)
 
     @property
-    def scale(self) -> torch.Tensor:
-        return self.train.scale
-
-    @property
-    def shift(self) -> torch.Tensor:
-        return self.train.shift
+    def norm(self) -> LatentNorm:
+        """The training cache's latent normalisation, which the diffusion model stores in its checkpoint."""
+        return self.train.norm
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -298,6 +298,6 @@ def resolve_sampler(name: str) -> Callable[..., torch.Tensor]:
         warnings.warn(f"sampler {name!r} is {canonical!r} with{settings}: running that", stacklevel=2)
         return partial(SAMPLERS[canonical], **options)
     if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r} (config key `task.sampler`): choose one of "
+        raise ConfigError(f"unknown sampler {name!r} (config key `sampling.sampler`): choose one of "
                           f"{', '.join(sorted(SAMPLERS))} (aliases: {', '.join(sorted(SAMPLER_ALIASES))})")
     return SAMPLERS[name]

@@ -101,7 +101,7 @@ def flow_sigmas(n: int, shift: float = 1.0, t_max: float = 0.999) -> torch.Tenso
 def check_schedule(schedule: str) -> str:
     """The schedule name, or a ConfigError listing the names (before any work is done)."""
     if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown step schedule {schedule!r} (config key `task.schedule`): {' | '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown step schedule {schedule!r} (config key `sampling.schedule`): {' | '.join(SCHEDULES)}")
     return schedule
 
 

@@ -24,13 +24,13 @@ def load_first_stage_with_config(ckpt_path: str | Path) -> tuple[AutoencoderModu
     encoding and decoding need neither VGG weights nor their memory.
     """
     if not Path(ckpt_path).is_file():
-        raise missing_file(str(ckpt_path), "ckpt", "autoencoder checkpoint")
+        raise missing_file(str(ckpt_path), "model.first_stage.ckpt_path", "autoencoder checkpoint")
     ckpt = read_checkpoint(ckpt_path)
     model_config = checkpoint_config(ckpt, str(ckpt_path)).model
     inference_config = OmegaConf.merge(model_config, {part: None for part in LOSS_ONLY if part in model_config})
-    module = safe_instantiate(inference_config)
+    module = safe_instantiate(inference_config, where="model", source=str(ckpt_path))
     if not isinstance(module, AutoencoderModule):
-        raise ConfigError(f"{ckpt_path} holds a {type(module).__name__}, not an AutoencoderModule (config key `ckpt`)")
+        raise ConfigError(f"{ckpt_path} holds a {type(module).__name__}, not an AutoencoderModule (config key `first_stage_name`)")
     state = {k: v for k, v in ckpt["state_dict"].items() if k.split(".", 1)[0] not in LOSS_ONLY}
     module.load_state_dict(state)
     module.requires_grad_(False).eval()

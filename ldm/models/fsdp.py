@@ -1,7 +1,7 @@
 """FSDP2 (PyTorch `fully_shard`, Zhao et al. 2023): one sharding unit per backbone block, activation checkpointing
 on the same blocks, and the Lightning strategy that carries these settings for `trainer=fsdp`."""
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed._composable import checkpoint as checkpoint_activations
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from ldm.utils.errors import ConfigError
 
@@ -61,6 +62,25 @@ def shard_module(
         register_fsdp_forward_method(module, name)
 
 
+def shard_with_ema(module: nn.Module, shard: Callable[..., None]) -> None:
+    """Shard a LatentDiffusionModule's trained parts (`ema_target()`) and their EMA copy the same way,
+    `shard(part, trained=, forward_methods=)`, so the EMA update stays local to each shard; once (Lightning's
+    `configure_model` runs again for validate/fit). Frozen parts (first stage, a frozen text encoder) stay whole:
+    they have no gradients to synchronise."""
+    parts = module.ema_target()
+    if all(isinstance(part, FSDPModule) for part in parts.values()):
+        return
+    averaged = module.ema.net if module.ema is not None else {}
+    for name, part in parts.items():
+        methods = ("encode", "null") if name == "conditioner" else ()  # a conditioner is called through these
+        shard(part, trained=True, forward_methods=methods)
+        if name in averaged:
+            shard(averaged[name], trained=False, forward_methods=methods)
+    whole = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if whole:  # FSDP synchronises only sharded gradients: these would drift apart across ranks
+        raise RuntimeError(f"FSDP left trained parameters unsharded: {whole[:5]}")
+
+
 def remove(path: Path) -> None:
     """Delete a file or a directory tree if it exists."""
     if path.is_dir():
@@ -81,7 +101,7 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's FSDP2 strategy with every rank in one sharding group, plus the sharding settings that
-    `LatentDiffusionModule.configure_model` applies (`shard`). Sharded checkpoints are DCP directories, written
+    `LatentDiffusionModule.configure_model` applies (`shard`, through `shard_with_ema`). Sharded checkpoints are DCP directories, written
     to a temporary directory and renamed into place, so a kill leaves the previous checkpoint whole."""
 
     def __init__(
@@ -111,7 +131,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def setup(self, trainer) -> None:
-        if not hasattr(self.lightning_module, "shard"):
+        if not hasattr(self.lightning_module, "ema_target"):
             raise ConfigError(
                 f"trainer=fsdp shards a LatentDiffusionModule (backbone, trained text encoder, EMA); "
                 f"train a {type(self.lightning_module).__name__} with trainer=ddp"

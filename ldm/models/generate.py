@@ -2,15 +2,18 @@
 jobs (condition, seed, sampler settings) to images with a trained module; used by tasks and callbacks alike."""
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 from rich.progress import track
 
 from ldm.diffusion.guidance import CFGDenoiser
 from ldm.diffusion.noise import SampleNoise
 from ldm.diffusion.samplers import resolve_sampler
 from ldm.diffusion.step_schedules import check_schedule
+
+if TYPE_CHECKING:  # sampling.py builds Jobs, so it imports this module
+    from ldm.models.sampling import Sampling
 
 
 def check_sampling(sampler: str, schedule: str) -> None:
@@ -77,25 +80,27 @@ class Job:
         return f"{index:05d}-seed{self.seed}-{self.sampler}-{self.steps}-g{self.guidance:g}.png"
 
 
-def render(module, jobs: list[Job], t: DictConfig, init: torch.Tensor | None = None) -> torch.Tensor:
+def render(module, jobs: list[Job], sampling: "Sampling", init: torch.Tensor | None = None, *, strength: float = 1.0,
+           progress: bool = False) -> torch.Tensor:
     """Images [N,3,H,W] for the jobs, batched by identical sampler settings (noise is per seed, so batching
-    never changes an image)."""
+    never changes an image); the rest of the settings (schedule, rescale, eta, batch size, EMA) from `sampling`."""
     out: list[torch.Tensor | None] = [None] * len(jobs)
     key = lambda i: (jobs[i].sampler, jobs[i].steps, jobs[i].guidance)  # noqa: E731
     order = sorted(range(len(jobs)), key=key)
     batches = []
     for _, group in itertools.groupby(order, key=key):
         group = list(group)
-        batches += [group[i : i + t.batch_size] for i in range(0, len(group), t.batch_size)]
-    for batch in track(batches, description="sampling", disable=not t.progress):
+        batches += [group[i : i + sampling.batch_size] for i in range(0, len(group), sampling.batch_size)]
+    for batch in track(batches, description="sampling", disable=not progress):
         first = jobs[batch[0]]
         cond = module.sample_batch([jobs[i].prompt for i in batch], [jobs[i].label for i in batch])
         if not any(cond["caption"]):
             cond["caption"] = [""] * len(batch)
         images = module.sample(
-            cond, [jobs[i].seed for i in batch], use_ema=t.use_ema, sampler=first.sampler, steps=first.steps,
-            schedule=t.schedule, guidance_scale=first.guidance, guidance_rescale=t.guidance_rescale,
-            init=None if init is None else init.expand(len(batch), -1, -1, -1), strength=t.strength,
+            cond, [jobs[i].seed for i in batch], use_ema=sampling.use_ema, sampler=first.sampler, steps=first.steps,
+            schedule=sampling.schedule, guidance_scale=first.guidance, guidance_rescale=sampling.guidance_rescale,
+            init=None if init is None else init.expand(len(batch), -1, -1, -1), strength=strength,
+            **sampling.sampler_options(),
         )
         for i, image in zip(batch, images.cpu()):
             out[i] = image

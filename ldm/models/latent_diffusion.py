@@ -1,21 +1,18 @@
-"""Conditional latent diffusion training (Rombach et al. 2022): a denoiser on (scaled) first-stage latents."""
-import math
-from collections.abc import Callable
-
+"""Conditional latent diffusion training (Rombach et al. 2022): a denoiser on normalised first-stage latents."""
 import lightning as L
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
+from ldm.data.latent_norm import LatentNorm
 from ldm.data.latents import LatentDataModule
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import cfg_dropout
 from ldm.diffusion.loss import denoising_loss, sigma_buckets
 from ldm.models.ema import EMA
 from ldm.models.first_stage import FIRST_STAGE_CONFIG_KEY, first_stage_hash
-from ldm.models.fsdp import FSDP2Strategy
+from ldm.models.fsdp import FSDP2Strategy, shard_with_ema
 from ldm.models.generate import generate_latents
+from ldm.models.optimizer import AdamWSchedule
 from ldm.models.step_seed import step_generator
 from ldm.utils.errors import DivergedError
 
@@ -24,24 +21,11 @@ class NonFiniteLossError(DivergedError):
     """Training stopped on a NaN/inf loss; the last good checkpoint is kept untouched."""
 
 
-def warmup_then(schedule: str, warmup_steps: int, total_steps: int):
-    """LR multiplier: linear warm-up, then constant or cosine decay to 0 (Loshchilov & Hutter 2017)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant" or total_steps <= warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown lr schedule {schedule!r}: constant | cosine")
-    return factor
-
-
 class LatentDiffusionModule(L.LightningModule):
-    """Wires backbone + formulation (the denoiser), conditioner, frozen first stage, EMA and optimiser."""
+    """Wires backbone + formulation (the denoiser), conditioner, frozen first stage, EMA and optimiser.
+
+    Image grids while training are the ImageGrid callback's, FSDP sharding is ldm/models/fsdp.py's.
+    """
 
     def __init__(
         self,
@@ -50,24 +34,12 @@ class LatentDiffusionModule(L.LightningModule):
         conditioner: nn.Module,
         first_stage: nn.Module | None = None,
         latent_shape: tuple[int, int, int] = (4, 8, 8),
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        scale_lr: bool = False,
-        base_batch_size: int = 256,
+        latent_scale: float | None = None,
+        optimizer: AdamWSchedule | None = None,
         cfg_dropout_prob: float = 0.1,
         ema_decay: float | None = 0.9999,
-        compile: bool = False,
-        latent_scale: float | None = None,
         loss_buckets: int = 4,
-        sample_prompts: list[str] | None = None,
-        sample_labels: list[int] | None = None,
-        sample_seeds: list[int] = (0, 1, 2, 3),
-        sample_sampler: str = "euler",
-        sample_steps: int = 30,
-        sample_guidance: float = 3.0,
+        compile: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -77,20 +49,12 @@ class LatentDiffusionModule(L.LightningModule):
         self.first_stage = first_stage.requires_grad_(False).eval() if first_stage is not None else None
         self.ema = EMA(self.ema_target(), ema_decay) if ema_decay else None
         self.latent_shape = tuple(latent_shape)
-        # Latent normalisation z_n = (z - shift) * scale: data from the cache manifest (or `latent_scale` when
-        # encoding on the fly), stored with the checkpoint so sampling needs nothing else.
-        c = self.latent_shape[0]
-        init_scale = torch.full((c,), float(latent_scale) if latent_scale is not None else 1.0)
-        self.register_buffer("latent_scale", init_scale)
-        self.register_buffer("latent_shift", torch.zeros(c))
-        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
-        self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
-        self.scale_lr, self.base_batch_size = scale_lr, base_batch_size
+        # From the cache manifest at setup (or `latent_scale` when encoding on the fly); in the checkpoint, so
+        # sampling needs nothing else.
+        self.latent_norm = LatentNorm(self.latent_shape[0], latent_scale if latent_scale is not None else 1.0)
+        self.optimizer = optimizer or AdamWSchedule()
         self.cfg_dropout_prob, self.loss_buckets, self.seed = cfg_dropout_prob, loss_buckets, seed
         self.compile = compile
-        self.sample_prompts, self.sample_labels = sample_prompts, sample_labels
-        self.sample_seeds, self.sample_sampler = list(sample_seeds), sample_sampler
-        self.sample_steps, self.sample_guidance = sample_steps, sample_guidance
         self._train_denoiser = [self.denoiser]  # a list keeps a compiled wrapper out of the state_dict
 
     def ema_target(self) -> nn.ModuleDict:
@@ -100,32 +64,17 @@ class LatentDiffusionModule(L.LightningModule):
             parts["conditioner"] = self.conditioner
         return nn.ModuleDict(parts)
 
-    def configure_model(self) -> None:
-        """trainer=fsdp: shard before the optimizer is built (once: validate/fit calls come here again)."""
-        strategy = self.trainer.strategy
-        if isinstance(strategy, FSDP2Strategy) and not isinstance(self.denoiser.net, FSDPModule):
-            self.shard(strategy.shard)
-
-    def shard(self, shard: Callable[..., None]) -> None:
-        """Shard the trained parts and their EMA copy the same way, `shard(module, trained=, forward_methods=)`,
-        so the EMA update stays local to each shard. Frozen parts (first stage, a frozen text encoder) stay
-        whole: they have no gradients to synchronise."""
-        averaged = self.ema.net if self.ema is not None else {}
-        for name, part in self.ema_target().items():
-            methods = ("encode", "null") if name == "conditioner" else ()  # called instead of forward
-            shard(part, trained=True, forward_methods=methods)
-            if name in averaged:
-                shard(averaged[name], trained=False, forward_methods=methods)
-        whole = [n for n, p in self.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
-        if whole:  # FSDP synchronises only sharded gradients: these would drift apart across ranks
-            raise RuntimeError(f"FSDP left trained parameters unsharded: {whole[:5]}")
-
     # --- set-up ---
+    def configure_model(self) -> None:
+        """trainer=fsdp: shard before the optimizer is built."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDP2Strategy):
+            shard_with_ema(self, strategy.shard)
+
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
         if isinstance(dm, LatentDataModule):  # cached latents: scale/shift come from the cache manifest
-            self.latent_scale.copy_(dm.scale.flatten())
-            self.latent_shift.copy_(dm.shift.flatten())
+            self.latent_norm.set(dm.norm.scale, dm.norm.shift)
         if self.compile and stage == "fit":
             self._train_denoiser = [torch.compile(self.denoiser)]
 
@@ -137,18 +86,9 @@ class LatentDiffusionModule(L.LightningModule):
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self):
-        batch = self.global_batch_size()
-        if self.scale_lr and batch is None:
-            raise ValueError("scale_lr needs the per-device batch size: train with a DataModule that has `batch_size`")
-        lr = self.lr * batch / self.base_batch_size if self.scale_lr else self.lr
         params = [p for p in self.ema_target().parameters() if p.requires_grad]  # what EMA averages is what trains
-        # fused: one kernel for all parameters; on 2 CPU cores torch's default (foreach) took 0.117 s of a 0.98 s
-        # shapes_txt2img step, fused 0.027 s (benchmarks/bench_adamw.py). Sharded (DTensor) parameters keep the default.
-        fused = not any(isinstance(p, DTensor) for p in params)
-        opt = torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then(self.lr_schedule, self.warmup_steps, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.optimizer.configure(params, self.global_batch_size(), total)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The first stage's identity and config travel with the weights: the checkpoint rebuilds alone."""
@@ -157,12 +97,6 @@ class LatentDiffusionModule(L.LightningModule):
             checkpoint[FIRST_STAGE_CONFIG_KEY] = getattr(self.first_stage, "model_config", None)
 
     # --- latents ---
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.latent_shift.view(1, -1, 1, 1)) * self.latent_scale.view(1, -1, 1, 1)
-
-    def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z / self.latent_scale.view(1, -1, 1, 1) + self.latent_shift.view(1, -1, 1, 1)
-
     def batch_latents(self, batch, generator) -> torch.Tensor:
         """Cached latents arrive normalised; images are encoded on the fly by the frozen first stage."""
         if "latent" in batch:
@@ -170,7 +104,7 @@ class LatentDiffusionModule(L.LightningModule):
         if self.first_stage is None:
             raise ValueError("batch has images but the model has no first_stage to encode them (model.first_stage)")
         with torch.no_grad():
-            return self.normalize(self.first_stage.encode(batch["image"]).sample(generator=generator))
+            return self.latent_norm.normalize(self.first_stage.encode(batch["image"]).sample(generator=generator))
 
     # --- training ---
     def training_step(self, batch, batch_idx):
@@ -226,7 +160,7 @@ class LatentDiffusionModule(L.LightningModule):
             return z
         if self.first_stage is None:
             raise ValueError("decoding needs the first stage (model.first_stage)")
-        return self.first_stage.decode(self.unnormalize(z)).clamp(-1, 1)
+        return self.first_stage.decode(self.latent_norm.unnormalize(z)).clamp(-1, 1)
 
     def sample_batch(self, prompts: list[str] | None, labels: list[int] | None) -> dict:
         n = len(prompts) if prompts is not None else len(labels)
@@ -234,20 +168,3 @@ class LatentDiffusionModule(L.LightningModule):
             "caption": list(prompts) if prompts is not None else [""] * n,
             "label": torch.as_tensor(labels if labels is not None else [-1] * n, device=self.device),
         }
-
-    @torch.no_grad()
-    def log_images(self, batch) -> dict[str, torch.Tensor]:
-        """Grid of fixed prompts (rows) x fixed seeds (columns) from the EMA weights."""
-        prompts = self.sample_prompts or (None if self.sample_labels else list(batch.get("caption", []))[:4])
-        labels = self.sample_labels
-        rows = len(prompts) if prompts is not None else len(labels)
-        cols = len(self.sample_seeds)
-        cond_batch = self.sample_batch(
-            [p for p in prompts for _ in range(cols)] if prompts is not None else None,
-            [y for y in labels for _ in range(cols)] if labels is not None else None,
-        )
-        images = self.sample(
-            cond_batch, self.sample_seeds * rows, sampler=self.sample_sampler, steps=self.sample_steps,
-            guidance_scale=self.sample_guidance,
-        )
-        return {"samples": images.reshape(rows, cols, *images.shape[1:])}

@@ -49,13 +49,13 @@ def _report(split: str, out_dir: Path, result: CacheResult) -> None:
 def run(cfg: DictConfig) -> dict[str, CacheResult]:
     allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     task = cfg.task
-    checkpoints = resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt))
+    checkpoints = resolve_checkpoint(cfg.paths.run_dir, str(task.ckpt))
     if len(checkpoints) != 1:
-        raise ConfigError(f"`ckpt` must name one checkpoint (last, best or a path), got {cfg.ckpt!r}")
+        raise ConfigError(f"`task.ckpt` must name one checkpoint (last, best or a path), got {task.ckpt!r}")
     first_stage, model_config = load_first_stage_with_config(checkpoints[0])
     identity = first_stage_hash(first_stage)
     print(f"first stage {checkpoints[0]} (sha256 {identity[:16]}...)")
-    datamodule = safe_instantiate(cfg.data, stored=False)
+    datamodule = safe_instantiate(cfg.data, stored=False, where="data")
     env = dist_env()
     rank, world_size = env.rank, env.world_size
     results = {}

@@ -4,6 +4,7 @@ import csv
 import hashlib
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ldm.models.generate import Job, check_sampling, render
+from ldm.models.generate import render
+from ldm.models.sampling import Sampling, conditions
 from ldm.utils.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from ldm.utils.checkpoint import load_module
 from ldm.utils.errors import ConfigError
@@ -21,31 +23,28 @@ from ldm.utils.plots import plot_metrics
 from ldm.utils.rundir import resolve_checkpoint
 from ldm.utils.safe_config import allow_targets, safe_instantiate
 
-SETTINGS = ("sampler", "steps", "schedule", "guidance_scale", "use_ema")
+# the sampling settings that decide an evaluation's images (batch size, the grids' seeds and prompts do not)
+IMAGE_SETTINGS = ("sampler", "steps", "schedule", "guidance_scale", "guidance_rescale", "eta", "seed_offset", "use_ema")
 
 
-def settings_tag(t: DictConfig, num_samples: int) -> str:
-    return f"{t.sampler}-{t.steps}-{t.schedule}-g{t.guidance_scale:g}-{'ema' if t.use_ema else 'raw'}-n{num_samples}"
+def settings_tag(s: Sampling, num_samples: int) -> str:
+    return f"{s.sampler}-{s.steps}-{s.schedule}-g{s.guidance_scale:g}-{'ema' if s.use_ema else 'raw'}-n{num_samples}"
 
 
-def samples_key(t: DictConfig, prompts: list[str] | None, labels: list[int] | None) -> str:
+def samples_key(sampling: Sampling, prompts: list[str] | None, labels: list[int] | None) -> str:
     """A hash of everything that decides the images besides the weights: sampling settings and conditions."""
-    settings = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items() if k not in ("progress", "batch_size", "ckpt", "name")}
+    settings = {k: v for k, v in asdict(sampling).items() if k in IMAGE_SETTINGS}
     return hashlib.sha256(json.dumps([settings, prompts, labels], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def samples_for(path: Path, t: DictConfig, suite, out: Path) -> tuple[torch.Tensor, int]:
+def samples_for(path: Path, sampling: Sampling, suite, out: Path, progress: bool) -> tuple[torch.Tensor, int]:
     """Generated images for one checkpoint, reused from `out` when this checkpoint was already sampled."""
     if out.is_file():
         cached = torch.load(out, weights_only=True)
         return from_uint8(cached["images"]), int(cached["step"])
     module, _, ckpt = load_module(path)
     module.to("cuda" if torch.cuda.is_available() else "cpu")
-    prompts, labels = suite.conditions()
-    n = len(prompts) if prompts is not None else len(labels)
-    jobs = [Job(prompts[i] if prompts else "", labels[i] if labels else -1, t.seed_offset + i, t.sampler, t.steps,
-                t.guidance_scale) for i in range(n)]
-    images = render(module, jobs, t)
+    images = render(module, sampling.numbered_jobs(conditions(*suite.conditions())), sampling, progress=progress)
     step = int(ckpt.get("global_step", 0))
     atomic_torch_save({"images": to_uint8(images), "step": step}, out)
     return images, step
@@ -77,14 +76,14 @@ def print_table(rows: list[dict], floor: dict[str, float]) -> None:
 def run(cfg: DictConfig) -> list[dict]:
     allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     t = cfg.task
-    check_sampling(t.sampler, t.schedule)
+    sampling = safe_instantiate(cfg.sampling, stored=False)  # unknown sampler or schedule: fails before any work
     if OmegaConf.select(cfg, "eval") is None:
         raise ConfigError("this experiment has no `eval` suite (e.g. eval._target_=ldm.eval.suites.ShapesSuite)")
-    suite = safe_instantiate(cfg.eval, stored=False)
+    suite = safe_instantiate(cfg.eval, stored=False, where="eval")
     eval_dir = Path(cfg.paths.run_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     prompts, labels = suite.conditions()
-    tag = settings_tag(t, len(prompts or labels))
+    tag = settings_tag(sampling, len(prompts or labels))
 
     floor_path = eval_dir / f"floor-{suite.name}.json"
     floor = json.loads(floor_path.read_text()) if floor_path.is_file() else suite.floor()
@@ -92,15 +91,15 @@ def run(cfg: DictConfig) -> list[dict]:
 
     old = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else []
     rows = []
-    for path in resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt)):
+    for path in resolve_checkpoint(cfg.paths.run_dir, str(t.ckpt)):
         # samples are reused for the same checkpoint content (last.ckpt is overwritten as training goes on, a
         # copied file keeps its samples) and the same sampling settings and conditions
-        out = eval_dir / "samples" / f"{sha256_path(path)[:16]}-{samples_key(t, prompts, labels)}.pt"
-        images, step = samples_for(path, t, suite, out)
+        out = eval_dir / "samples" / f"{sha256_path(path)[:16]}-{samples_key(sampling, prompts, labels)}.pt"
+        images, step = samples_for(path, sampling, suite, out, t.progress)
         rows.append(dict(step=step, ckpt=str(path), tag=tag, suite=suite.name, **suite.score(images)))
     new_keys = {(r["step"], r["tag"]) for r in rows}
     write_tables([r for r in old if (r["step"], r["tag"]) not in new_keys] + rows, eval_dir)
-    if cfg.ckpt == "all" and len(rows) > 1:
+    if t.ckpt == "all" and len(rows) > 1:
         plot_metrics(rows, eval_dir / f"metrics-{tag}.png")
     print_table(rows, floor)
     return rows

@@ -1,5 +1,5 @@
 """task=export: a sharded (trainer=fsdp) checkpoint -> one .ckpt file; any checkpoint -> .safetensors weights
-(EMA by default) that carry their config, so `task=sample|evaluate ckpt=PATH` rebuilds the model from either."""
+(EMA by default) that carry their config, so `task=sample|evaluate task.ckpt=PATH` rebuilds the model from either."""
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> list[Path]:
     allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     t = cfg.task
     written = []
-    for path in resolve_checkpoint(cfg.paths.run_dir, str(cfg.ckpt)):
+    for path in resolve_checkpoint(cfg.paths.run_dir, str(t.ckpt)):
         written += export_checkpoint(path, t.out_dir, weights=t.weights, safetensors=t.safetensors)
     for path in written:
         print(f"wrote {path}")

@@ -51,10 +51,13 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
     callbacks.append(RunMetrics(run_dir, every_n_steps=cfg.trainer.log_every_n_steps))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgress(every_n_steps=cfg.trainer.log_every_n_steps))
-    callbacks += [safe_instantiate(c, stored=False) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [safe_instantiate(lg, stored=False) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    callbacks += [safe_instantiate(c, stored=False, where=f"callbacks.{name}")
+                  for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
+    loggers = [safe_instantiate(lg, stored=False, where=f"logger.{name}")
+               for name, lg in (cfg.get("logger") or {}).items() if lg is not None]
     return safe_instantiate(
-        cfg.trainer, stored=False, callbacks=callbacks, logger=loggers or False, plugins=plugins, default_root_dir=run_dir,
+        cfg.trainer, stored=False, where="trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins,
+        default_root_dir=run_dir,
     )
 
 
@@ -86,8 +89,8 @@ def _fit(cfg: DictConfig) -> L.Trainer:
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls/convs on Ampere+ in TF32: ~same loss, much faster
     torch.backends.cudnn.allow_tf32 = True
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = safe_instantiate(cfg.data, stored=False)
-    model = safe_instantiate(cfg.model, stored=False)
+    datamodule = safe_instantiate(cfg.data, stored=False, where="data")
+    model = safe_instantiate(cfg.model, stored=False, where="model")
     check_latent_cache(model, datamodule)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:  # once the Trainer exists its rank is right under every launcher

@@ -1,4 +1,6 @@
 """Load a trained module from its checkpoint alone: the stored config rebuilds it (allow-listed targets only)."""
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -6,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.utils.consolidate import read_safetensors, read_sharded_checkpoint
-from ldm.utils.safe_config import check_stored_config, safe_instantiate
+from ldm.utils.safe_config import safe_instantiate, stored_config
 
 CONFIG_KEY = "ldm_config"
 FIRST_STAGE_CONFIG_KEY = "first_stage_config"  # a diffusion checkpoint's autoencoder config (weights in state_dict)
@@ -22,27 +24,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return read_sharded_checkpoint(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # torch names the first object it would not unpickle
+        raise PermissionError(f"refusing checkpoint {path}: it pickles {found.group(1) if found else 'a Python object'}"
+                              f", which could run code (ldm reads tensors and plain containers only)") from error
 
 
 def checkpoint_config(ckpt: dict[str, Any], source: str = "the checkpoint") -> DictConfig:
-    """The training config stored in a checkpoint dict, refused if it holds an interpolation (see safe_config)."""
+    """The training config stored in a checkpoint dict, refused if it could run code (see safe_config)."""
     if CONFIG_KEY not in ckpt:
         raise KeyError(f"checkpoint has no `{CONFIG_KEY}`: it was not written by ldm's fit or export task")
-    check_stored_config(ckpt[CONFIG_KEY], source)
-    return OmegaConf.create(ckpt[CONFIG_KEY])
+    return stored_config(ckpt[CONFIG_KEY], source)
 
 
 def build_module(ckpt: dict[str, Any], source: str = "the checkpoint") -> torch.nn.Module:
     """Rebuild `cfg.model` from a checkpoint dict's stored config and load its weights (EMA included), eval mode."""
     model_cfg = checkpoint_config(ckpt, source).model.copy()
     if ckpt.get(FIRST_STAGE_CONFIG_KEY) is not None:
-        check_stored_config(ckpt[FIRST_STAGE_CONFIG_KEY], source)
         # build the first stage from its stored config; its weights come with this state_dict
-        model_cfg.first_stage = ckpt[FIRST_STAGE_CONFIG_KEY]
+        model_cfg.first_stage = stored_config(ckpt[FIRST_STAGE_CONFIG_KEY], source)
     for name in ckpt.get(EMA_FOLDED_KEY, []):  # the weights are the EMA ones already: no second copy
         (model_cfg if name == "" else OmegaConf.select(model_cfg, name)).ema_decay = None
-    module = safe_instantiate(model_cfg)
+    module = safe_instantiate(model_cfg, where="model", source=source)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 

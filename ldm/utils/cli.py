@@ -5,10 +5,11 @@ The full traceback stays available: `debug=true`, or Hydra's own `HYDRA_FULL_ERR
 """
 import errno
 import os
+import re
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -72,7 +73,21 @@ def task_error_line(error: BaseException, clear: BaseException | None) -> str:
                f"(the last checkpoint is intact: writes are atomic)"
     if clear is not None:
         return one_line(clear)
-    return f"{type(error).__name__}: {one_line(error)} (debug=true shows the traceback)"
+    line = building_error(error) or f"{type(error).__name__}: {one_line(error)}"
+    return f"{line} (debug=true shows the traceback)"
+
+
+def building_error(error: BaseException) -> str | None:
+    """A constructor's own error, named by its config key and target, in place of Hydra's wrapper around it."""
+    wrapper = next((e for e in _chain(error) if isinstance(e, InstantiationException) and e.__cause__), None)
+    if wrapper is None:
+        return None
+    key, target = re.search(r"full_key: (\S+)", str(wrapper)), re.search(r"target '([^']+)'", str(wrapper))
+    cause = wrapper.__cause__
+    where = f"`{key.group(1)}`" if key else "building an object"
+    if target:
+        where += f" ({target.group(1)})"
+    return f"{where}: {type(cause).__name__}: {one_line(cause)}"
 
 
 def _chain(error: BaseException | None):

@@ -44,7 +44,7 @@ def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
 
 
 def resolve_checkpoint(run_dir: str | Path, ckpt: str) -> list[Path]:
-    """`ckpt` = last | best | all | a path: the checkpoint file(s) that sampling and evaluation load."""
+    """`task.ckpt` = last | best | all | a path: the checkpoint file(s) that sampling and evaluation load."""
     ckdir = checkpoint_dir(run_dir)
     if ckpt in ("last", "best"):
         paths = [ckdir / f"{ckpt}.ckpt"]
@@ -54,7 +54,7 @@ def resolve_checkpoint(run_dir: str | Path, ckpt: str) -> list[Path]:
         paths = [Path(ckpt)]
     for p in paths:
         if not p.exists():  # a file, or a sharded (trainer=fsdp) directory
-            raise ConfigError(f"checkpoint not found: {p} (config key `ckpt`; train first or pass ckpt=PATH)")
+            raise ConfigError(f"checkpoint not found: {p} (config key `task.ckpt`; train first or pass task.ckpt=PATH)")
     return paths
 
 

@@ -8,8 +8,9 @@ interpolation (resolvers such as `oc.env`, or custom ones) on access. So:
   `torch.utils.collect_env.run`, which runs a shell command); the user extends the list from their own command line
   or config (`security.allow=[my.module.Class]`, applied by each task through `allow_targets`), never from a
   loaded file;
-- a stored config may hold no interpolation at all (ldm writes configs resolved), and the parts that get built may
-  hold no command-running input (`pipe:` URLs, which webdataset hands to a shell).
+- a stored config becomes a DictConfig only through `stored_config`: a plain mapping (a string would be parsed as
+  YAML) holding no interpolation at all (ldm writes configs resolved), checked before OmegaConf touches it; the
+  parts that get built may hold no command-running input (`pipe:` URLs, which webdataset hands to a shell).
 """
 from typing import Any
 
@@ -35,6 +36,8 @@ ALLOWED_TARGETS = frozenset({
     "ldm.models.first_stage.load_first_stage",
     "ldm.models.fsdp.FSDP2Strategy",
     "ldm.models.latent_diffusion.LatentDiffusionModule",
+    "ldm.models.optimizer.AdamWSchedule",
+    "ldm.models.sampling.Sampling",
     "ldm.nn.autoencoder.AutoencoderKL",
     "ldm.nn.conditioners.ClassConditioner",
     "ldm.nn.conditioners.OpenCLIPTextConditioner",
@@ -70,10 +73,12 @@ def is_allowed(target: str) -> bool:
 
 
 def _walk(node: Any, where: str = ""):
-    """(path, key, value) for every dict entry and list item of a plain container, depth first."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    """(path, key, value) for every dict entry and list or tuple item of a plain container, depth first (tuples
+    too: OmegaConf turns them into lists, interpolations and all)."""
+    mapping = isinstance(node, dict)
+    items = node.items() if mapping else enumerate(node) if isinstance(node, (list, tuple)) else ()
     for key, value in items:
-        path = f"{where}.{key}" if isinstance(node, dict) and where else f"{where}[{key}]" if where else str(key)
+        path = f"{where}.{key}" if mapping and where else f"{where}[{key}]" if where else str(key)
         yield path, key, value
         yield from _walk(value, path)
 
@@ -85,32 +90,47 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
-def check_targets(cfg: Any, *, stored: bool) -> None:
-    """Raise PermissionError naming the first `_target_` outside the allow-list; for a `stored` config also the
-    first command-running input (`pipe:`)."""
-    for path, key, value in _walk(_plain(cfg)):
+def check_targets(cfg: Any, *, stored: bool, where: str = "", source: str | None = None) -> None:
+    """Raise PermissionError naming the first `_target_` outside the allow-list and its key (under `where`, in the
+    file `source`); for a `stored` config also the first command-running input (`pipe:`)."""
+    origin = f" of {source}" if source else ""
+    for path, key, value in _walk(_plain(cfg), where):
         if key in TARGET_KEYS and not (isinstance(value, str) and is_allowed(value)):
             raise PermissionError(
-                f"refusing to instantiate `{value}` at `{path}`: not on the allow-list of classes and functions "
-                f"(add it from your own command line with security.allow=[{value}] if you trust it)"
+                f"refusing to instantiate `{value}` at `{path}`{origin}: not on the allow-list of classes and "
+                f"functions (add it from your own command line with security.allow=[{value}] if you trust it)"
             )
         if stored and isinstance(value, str) and value.lstrip().startswith(COMMAND_PREFIXES):
-            raise PermissionError(f"refusing a stored command-running input at `{path}` ({value[:40]!r}): `pipe:` "
-                                  f"URLs are accepted from your own command line or config only")
+            raise PermissionError(f"refusing a stored command-running input at `{path}`{origin} ({value[:40]!r}): "
+                                  f"`pipe:` URLs are accepted from your own command line or config only")
 
 
 def check_stored_config(cfg: Any, source: str) -> None:
-    """Raise PermissionError if a config loaded from `source` holds an interpolation or resolver call (`${...}`):
-    ldm stores configs resolved, so one there was put by hand, and evaluating it could run code."""
+    """Raise PermissionError if a config loaded from `source` is not a plain mapping (OmegaConf would parse a string
+    as YAML) or holds an interpolation or resolver call (`${...}`): ldm stores configs resolved, so one there was
+    put by hand, and evaluating it could run code."""
+    if not isinstance(cfg, (dict, DictConfig)):
+        raise PermissionError(f"refusing the config stored in {source}: a {type(cfg).__name__}, not the mapping "
+                              f"ldm writes")
     for path, _, value in _walk(_plain(cfg)):
         if isinstance(value, str) and "${" in value:
             raise PermissionError(f"refusing the config stored in {source}: `{path}` holds an interpolation "
                                   f"({value[:40]!r}), which ldm never writes and will not evaluate")
 
 
-def safe_instantiate(cfg: Any, *, stored: bool = True, **kwargs: Any) -> Any:
+def stored_config(raw: Any, source: str) -> DictConfig:
+    """The one way a config read from a file (a checkpoint, .safetensors metadata) becomes a DictConfig: checked
+    by check_stored_config before OmegaConf parses or evaluates any of it."""
+    check_stored_config(raw, source)
+    return OmegaConf.create(raw)
+
+
+def safe_instantiate(
+    cfg: Any, *, stored: bool = True, where: str = "", source: str | None = None, **kwargs: Any
+) -> Any:
     """hydra.utils.instantiate after checking every target against the allow-list (and, for a config loaded from
-    disk, refusing command-running inputs); `stored=False` for the user's own live config."""
+    disk, refusing command-running inputs); `stored=False` for the user's own live config. `where` (the config's
+    key, e.g. `model`) and `source` (the file it came from) name the refused key in the error."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    check_targets(cfg, stored=stored)
+    check_targets(cfg, stored=stored, where=where, source=source)
     return instantiate(cfg, **kwargs)

@@ -176,7 +176,7 @@ def test_an_intact_cache_reads_as_before(cache):
         mean = torch.from_numpy(stored[f"{i:09d}.{prefix}mean.npy"]).float()
         std = torch.from_numpy(stored[f"{i:09d}.{prefix}std.npy"]).float()
         z = mean + std * torch.randn(mean.shape, generator=generator)
-        assert torch.equal(strict[(1, i)]["latent"], (z - strict.shift) * strict.scale)
+        assert torch.equal(strict[(1, i)]["latent"], (z - strict.norm.shift) * strict.norm.scale)
     for i in range(12):
         a, b = strict[(0, i)], lenient[(0, i)]
         assert a["key"] == b["key"] and torch.equal(a["latent"], b["latent"])

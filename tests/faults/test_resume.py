@@ -33,16 +33,16 @@ def _sha(path) -> str:
 @pytest.mark.slow
 def test_a_new_learning_rate_takes_effect_on_resume_and_is_recorded(tiny_runs):
     overrides, run_dir = _copy_run(tiny_runs, "ldm_new_lr")
-    old_lr = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["lr"]
-    trainer = _fit([*overrides, "model.lr=5e-4", f"trainer.max_steps={tiny_runs.ldm_steps + 1}"])
+    old_lr = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["optimizer"]["lr"]
+    trainer = _fit([*overrides, "model.optimizer.lr=5e-4", f"trainer.max_steps={tiny_runs.ldm_steps + 1}"])
     assert old_lr != 5e-4 and trainer.global_step == tiny_runs.ldm_steps + 1
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.base_lrs == [5e-4]  # not the checkpoint's
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(5e-4)  # constant schedule, no warm-up
     [entry] = yaml.safe_load((run_dir / "config_history.yaml").read_text())
-    assert entry["changes"]["model.lr"] == {"old": old_lr, "new": 5e-4}
+    assert entry["changes"]["model.optimizer.lr"] == {"old": old_lr, "new": 5e-4}
     assert entry["resumed_from"].endswith("last.ckpt")
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["lr"] == 5e-4
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["optimizer"]["lr"] == 5e-4
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_evaluation_reuses_samples_by_checkpoint_content_and_settings_not_by_fil
 
     overrides, run_dir = _copy_run(tiny_runs, "ldm_eval_key")
     last = run_dir / "checkpoints" / "last.ckpt"
-    evaluation = [*overrides, "task=evaluate", "task.steps=2", "task.progress=false", "eval.resolution=16",
+    evaluation = [*overrides, "task=evaluate", "sampling.steps=2", "task.progress=false", "eval.resolution=16",
                   "eval.num_samples=4", f"eval.feature_weights={shapes_feature_weights}"]
 
     def evaluate_last(*extra):
@@ -121,5 +121,5 @@ def test_evaluation_reuses_samples_by_checkpoint_content_and_settings_not_by_fil
     os.utime(last, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... nor with the same mtime
     [second] = evaluate_last()
     assert second["step"] == tiny_runs.ldm_steps + 50  # new weights: sampled again
-    [third] = evaluate_last("task.guidance_scale=1.5")  # new settings: sampled again, another row
+    [third] = evaluate_last("sampling.guidance_scale=1.5")  # new settings: sampled again, another row
     assert len(list((run_dir / "eval" / "samples").glob("*.pt"))) == 3 and third["tag"] != second["tag"]

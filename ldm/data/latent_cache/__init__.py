@@ -18,7 +18,7 @@ than read it unchecked: caches are cheap to rebuild next to training, and one re
 
 Files, one idea each: format (names, layout), manifest (plan and manifest), claims (work split between
 processes), inputs (checked dataset items), writer (one shard), encode (the loop, cache_latents), verify
-(sha256 and crc32), tar_index and reader (LatentDataset), scaling (latent scale/shift).
+(sha256 and crc32), tar_index and reader (LatentDataset, normalising with ldm/data/latent_norm.py).
 """
 from ldm.data.latent_cache.encode import CacheResult, cache_latents
 from ldm.data.latent_cache.manifest import read_manifest

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm.data.latent_cache.format import (
-    CLAIMS, FORMAT, MANIFEST, PLAN, STORE_DTYPE, VERSION, ShardPlan, member_names, read_json,
+    CLAIMS, FORMAT, MANIFEST, PLAN, STORE_DTYPE, VERSION, ShardPlan, member_names, read_json, shard_name,
 )
 from ldm.data.latent_cache.verify import completed_shard
 from ldm.utils.atomic import atomic_write_json
@@ -137,4 +137,8 @@ def read_manifest(path: str | Path) -> dict:
             f"carry a crc32 since v2): re-run task=cache_latents with task.out_dir set to a new folder (or delete "
             f"{str(path)!r} first)"
         )
+    for i, shard in enumerate(manifest["shards"]):  # a manifest is data: it names only the cache's own shard files
+        if shard.get("name") != f"{shard_name(i)}.tar":
+            raise PermissionError(f"refusing latent cache {str(path)!r}: its {MANIFEST} names shard {i} "
+                                  f"{str(shard.get('name'))[:40]!r}, not {shard_name(i)}.tar")
     return manifest

@@ -17,9 +17,9 @@ from torch.utils.data import Dataset
 
 from ldm.data.latent_cache.format import record_key
 from ldm.data.latent_cache.manifest import read_manifest
-from ldm.data.latent_cache.scaling import latent_scaling
 from ldm.data.latent_cache.tar_index import index_shard
 from ldm.data.latent_cache.verify import check_record, check_shards
+from ldm.data.latent_norm import LatentNorm
 from ldm.data.skips import SkipCounter, check_on_corrupt, skipped_item
 from ldm.utils.errors import ConfigError, CorruptDataError
 
@@ -67,7 +67,7 @@ class LatentDataset(Dataset):
         self.skipped = SkipCounter("latent record")
         self.members = self.manifest["members"]
         self.latent_shape = tuple(self.manifest["latent_shape"])
-        self.scale, self.shift = latent_scaling(self.manifest["stats"], scale, self.latent_shape[0])
+        self.norm = LatentNorm.from_stats(self.manifest["stats"], scale, self.latent_shape[0])
         self.shard_paths = [self.path / s["name"] for s in self.manifest["shards"]]
         check_shards(self.path, self.manifest["shards"], check_sha256=verify)
         self._build_index()
@@ -140,7 +140,7 @@ class LatentDataset(Dataset):
         std = _npy(members[f"{prefix}std.npy"], self.latent_shape).float()
         z = mean + std * torch.randn(mean.shape, generator=generator)  # reparameterised posterior sample
         meta = json.loads(members["json"])
-        sample = {"latent": (z - self.shift) * self.scale, **{k: meta[k] for k in ("caption", "label", "key")}}
+        sample = {"latent": self.norm.normalize(z), **{k: meta[k] for k in ("caption", "label", "key")}}
         if "attrs" in meta:
             sample["attrs"] = {name: torch.tensor(values, dtype=torch.long) for name, values in meta["attrs"].items()}
         return sample
@@ -149,7 +149,3 @@ class LatentDataset(Dataset):
     def num_skipped(self) -> int:
         """Records skipped for a crc32 mismatch so far, summed over DataLoader workers."""
         return self.skipped.count
-
-    def unscale(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [..., C, h, w] back to the first stage's latent space, for decoding."""
-        return z / self.scale.to(z) + self.shift.to(z)
