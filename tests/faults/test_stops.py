@@ -47,22 +47,40 @@ def test_a_signal_checkpoints_and_exits_nonzero_then_the_rerun_resumes(tmp_path,
     assert f"at step {stopped_at}" in rerun.stdout and _last_step(run_dir) == stopped_at + 2
 
 
+def _two_ranks_training(tiny_runs, name: str, probe, log) -> subprocess.Popen:
+    """`main.py` fitting on 2 gloo ranks (Lightning's launcher) without end, returned once both have taken 2 steps."""
+    args = ddp_fit(tiny_runs, name, probe, "trainer.devices=2", "trainer.max_steps=100000",
+                   "checkpoint_every_n_steps=1000000")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=clean_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: step(probe, 0) >= 2 and step(probe, 1) >= 2, proc, log)
+    except BaseException:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), proc] if proc.poll() is None else []:
+            p.kill()
+        raise
+    return proc
+
+
+def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
+    """[rank 0, rank 1]: the launcher and the rank it started (helpers such as multiprocessing's resource tracker
+    are children too, so pick by command line)."""
+    launcher = psutil.Process(proc.pid)
+    return [launcher, *(c for c in launcher.children() if any(a.endswith("main.py") for a in c.cmdline()))]
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_ddp_rank_stops_every_rank_with_a_checkpoint(tiny_runs, tmp_path, stop_tries):
     """SIGTERM to rank 0 or rank 1 (alternating) of a 2-rank DDP fit on gloo: both ranks stop within HANG_S at the
     same step, rank 0 writes last.ckpt there, every process exits non-zero. `--stop-tries=20` for the full check."""
     for attempt in range(stop_tries):
         probe, log = tmp_path / f"probe{attempt}", tmp_path / f"ddp{attempt}.log"
-        args = ddp_fit(tiny_runs, f"ddp_stop{attempt}", probe, "trainer.devices=2", "trainer.max_steps=100000",
-                       "checkpoint_every_n_steps=1000000")
-        with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=clean_env(), stdout=out,
-                                    stderr=subprocess.STDOUT)
+        proc = _two_ranks_training(tiny_runs, f"ddp_stop{attempt}", probe, log)
         try:
-            wait_until(lambda: step(probe, 0) >= 2 and step(probe, 1) >= 2, proc, log)
-            ranks = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children()]
-            target = ranks[attempt % 2] if len(ranks) > 1 else ranks[0]
-            target.send_signal(signal.SIGTERM)
+            ranks = _ranks(proc)
+            assert len(ranks) == 2
+            ranks[attempt % 2].send_signal(signal.SIGTERM)
             gone, alive = psutil.wait_procs(ranks, timeout=HANG_S)  # reaps the launcher: its code is in `gone`
             assert not alive, f"try {attempt}: {len(alive)} rank(s) still running {HANG_S} s after SIGTERM (hang)"
         finally:
@@ -80,14 +98,9 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_with_a_checkpoint(tiny_runs, t
 def test_a_dead_ddp_peer_is_an_error_not_a_hang(tiny_runs, tmp_path):
     """SIGKILL (no chance to agree on anything) to rank 1: rank 0's next collective fails and it exits non-zero."""
     probe, log = tmp_path / "probe", tmp_path / "ddp.log"
-    args = ddp_fit(tiny_runs, "ddp_dead_peer", probe, "trainer.devices=2", "trainer.max_steps=100000",
-                   "checkpoint_every_n_steps=1000000")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=clean_env(), stdout=out,
-                                stderr=subprocess.STDOUT)
+    proc = _two_ranks_training(tiny_runs, "ddp_dead_peer", probe, log)
     try:
-        wait_until(lambda: step(probe, 0) >= 2 and step(probe, 1) >= 2, proc, log)
-        [peer] = psutil.Process(proc.pid).children()
+        _, peer = _ranks(proc)
         peer.kill()
         assert proc.wait(HANG_S) != 0, log.read_text()[-2000:]
     finally:
