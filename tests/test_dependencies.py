@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-FIRST_PARTY = {"ldm", "conftest", "key_recorder", "test_cluster_launch"}
+FIRST_PARTY = {"ldm", "conftest", "key_recorder", "launching"}
 
 
 def third_party_imports(files) -> dict[str, str]:

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from nbclient import NotebookClient
 
 from ldm.diffusion.noise import SampleNoise

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_AE
-from test_cluster_launch import clean_env
+from launching import clean_env
 
 
 @pytest.mark.slow

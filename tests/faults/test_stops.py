@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_AE
-from test_cluster_launch import clean_env, ddp_fit, step, wait_until
+from launching import clean_env, ddp_fit, step, wait_until
 
 HANG_S = 120  # a stop that takes longer than this is a hang
 

@@ -13,7 +13,7 @@ from PIL import Image
 from ldm.data.image_folder import ImageFolderDataset
 from ldm.data.skips import KeptLoader, collate_kept
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 

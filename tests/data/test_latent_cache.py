@@ -35,7 +35,7 @@ from ldm.tasks.fit import check_latent_cache
 from ldm.utils.errors import ConfigError
 from ldm.utils.safe_config import safe_instantiate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESOLUTION = 16
 
 

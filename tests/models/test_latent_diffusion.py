@@ -263,20 +263,6 @@ def test_class_conditioning_wires_y_dim():
 
 # --- two processes (gloo) through main.py ---
 
-class RecordBatchKeys(L.Callback):
-    """Test probe for the DDP run: each rank writes the keys of the training batches it saw."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir, self.keys = Path(out_dir), []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.keys.append(list(batch["key"]))
-
-    def on_train_end(self, trainer, pl_module):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.keys))
-
-
 @pytest.mark.slow
 def test_ddp_on_cpu_splits_the_data_and_counts_steps_once(tiny_runs, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
@@ -285,8 +271,8 @@ def test_ddp_on_cpu_splits_the_data_and_counts_steps_once(tiny_runs, tmp_path, m
         "+experiment=shapes_txt2img", "name=ddp", "first_stage_name=ae", f"paths.root_dir={tiny_runs.root}",
         *TINY_TXT2IMG, "callbacks=none", f"data.batch_size={batch_size}", f"trainer.max_steps={steps}",
         "trainer.val_check_interval=3", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
-        "+callbacks.keys._target_=test_latent_diffusion.RecordBatchKeys", f"+callbacks.keys.out_dir={tmp_path}",
-        "security.allow=[test_latent_diffusion.RecordBatchKeys]",
+        "+callbacks.keys._target_=launching.RecordBatchKeys", f"+callbacks.keys.out_dir={tmp_path}",
+        "security.allow=[launching.RecordBatchKeys]",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[fit] world size    2 = 2 devices" in result.stdout

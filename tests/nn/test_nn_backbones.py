@@ -14,7 +14,7 @@ from ldm.nn.dit import DiT
 from ldm.nn.embeddings import sincos_pos_embed_2d, timestep_embedding
 from ldm.nn.unet import UNet
 
-BACKBONE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model" / "backbone"
+BACKBONE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model" / "backbone"
 
 
 def tiny_unet(**kwargs) -> UNet:

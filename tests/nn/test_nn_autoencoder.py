@@ -22,7 +22,7 @@ from ldm.nn.autoencoder import AutoencoderKL, DiagonalGaussian, group_norm
 from ldm.nn.discriminator import NLayerDiscriminator
 from ldm.nn.lpips import LPIPS, packaged_lin_weights
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model" / "autoencoder"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model" / "autoencoder"
 
 
 def build(name: str) -> AutoencoderKL:

@@ -22,7 +22,7 @@ from ldm.data.datamodule import ImageDataModule
 from ldm.data.stream_loader import StreamLoader
 from ldm.data.webdataset_images import WebImageDataset
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def encode(fmt: str, value: int) -> bytes:

@@ -25,7 +25,7 @@ from ldm.data.shapes import (
     render_shapes,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def pixels(image: torch.Tensor) -> np.ndarray:

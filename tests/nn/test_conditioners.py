@@ -18,7 +18,7 @@ from ldm.nn.conditioners import (
     Unconditional,
 )
 
-CONDITIONER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model" / "conditioner"
+CONDITIONER_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model" / "conditioner"
 CAPTIONS = ["a red square", "two blue circles at the top left", ""]
 
 

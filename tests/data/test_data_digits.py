@@ -13,7 +13,7 @@ from torch.utils.data import default_collate
 
 from ldm.data.digits import DigitsDataset
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_split_is_deterministic_disjoint_and_complete():
