@@ -76,8 +76,8 @@ def tiny_fit(tiny_runs, name: str, *overrides: str) -> list[str]:
 def ddp_fit(tiny_runs, name: str, probe: Path, *overrides: str) -> list[str]:
     """tiny_fit on trainer=ddp over gloo, with a RankProbe writing to `probe`."""
     return tiny_fit(tiny_runs, name, "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
-                    "+callbacks.probe._target_=test_cluster_launch.RankProbe", f"+callbacks.probe.out_dir={probe}",
-                    "security.allow=[test_cluster_launch.RankProbe]",
+                    "+callbacks.probe._target_=launching.RankProbe", f"+callbacks.probe.out_dir={probe}",
+                    "security.allow=[launching.RankProbe]",
                     *overrides)
 
 
