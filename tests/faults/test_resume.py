@@ -123,3 +123,15 @@ def test_evaluation_reuses_samples_by_checkpoint_content_and_settings_not_by_fil
     assert second["step"] == tiny_runs.ldm_steps + 50  # new weights: sampled again
     [third] = evaluate_last("sampling.guidance_scale=1.5")  # new settings: sampled again, another row
     assert len(list((run_dir / "eval" / "samples").glob("*.pt"))) == 3 and third["tag"] != second["tag"]
+
+
+def test_a_run_copied_to_another_root_dir_is_not_another_run():
+    from ldm.utils.resume_config import config_changes, identity_changes
+
+    old = {"paths": {"root_dir": "."}, "data": {"train_path": "./data/latents/ae/train"}, "model": {"lr": 1.0}}
+    new = {"paths": {"root_dir": "/scratch/me"}, "data": {"train_path": "/scratch/me/data/latents/ae/train"},
+           "model": {"lr": 1.0}}
+    changes = config_changes(old, new)
+    assert set(changes) <= {"paths.root_dir"} and identity_changes(changes) == []  # the stored paths moved with it
+    moved_data = {**new, "data": {"train_path": "/scratch/me/data/latents/other/train"}}
+    assert identity_changes(config_changes(old, moved_data)) == ["data.train_path"]
