@@ -11,3 +11,12 @@ def _release(version: str) -> tuple[int, ...]:
 if _release(torch.__version__) < TORCH_FLOOR:
     raise ImportError(f"ldm needs torch >= {'.'.join(map(str, TORCH_FLOOR))}, found {torch.__version__}: "
                       f"pip install 'torch>={'.'.join(map(str, TORCH_FLOOR))}'")
+
+
+def load(path, device=None):
+    """A trained checkpoint (or run directory) as a Pipeline: `.sample(prompts=..., seeds=...)`, `.encode`, `.decode`.
+
+    See ldm/models/pipeline.py. Imported on call, so `import ldm` stays light."""
+    from ldm.models.pipeline import load as load_pipeline
+
+    return load_pipeline(path, device)

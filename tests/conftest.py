@@ -147,7 +147,7 @@ def tiny_runs(tmp_path_factory) -> TinyRuns:
                                                    "trainer.val_check_interval=4", "callbacks=none"]))
         cache_latents.run(compose_run("shapes_autoencoder", [*where, "name=ae", *TINY_CACHE]))
         trainer = fit.run(compose_run("shapes_txt2img", [*ldm_overrides, f"trainer.max_steps={steps}",
-                                                         "trainer.val_check_interval=6"]))
+                                                         "trainer.val_check_interval=6", "trainer.log_every_n_steps=3"]))
     return TinyRuns(root, ldm_overrides, steps, trainer)
 
 

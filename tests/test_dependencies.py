@@ -8,11 +8,12 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-FIRST_PARTY = {"ldm", "conftest", "key_recorder", "launching"}
+FIRST_PARTY = {"ldm"} | {p.stem for p in (ROOT / "tests").rglob("*.py")}  # the tests' own helper modules
 
 
 def third_party_imports(files) -> dict[str, str]:
@@ -64,3 +65,15 @@ def test_an_older_torch_stops_main_with_one_line():
                             timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip() == "error: ldm needs torch >= 2.6, found 2.5.1: pip install 'torch>=2.6'"
+
+
+def test_the_conda_file_installs_this_package_from_conda_forge_and_pip():
+    """The `pytorch` conda channel stops at torch 2.5, below the floor: the env file takes Python from conda-forge
+    and everything else through pip from pyproject.toml, so conda and pip users get the same versions."""
+    env = yaml.safe_load((ROOT / "environment.yaml").read_text())
+    assert env["channels"] == ["conda-forge"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    assert not [d for d in conda if d.split("=")[0] not in {"python", "pip"}], "everything else comes from pip"
+    [pip] = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    assert pip == ["-e .[test,cluster,tensorboard]"]
+    assert set(PROJECT["optional-dependencies"]) - {"dev"} == {"test", "cluster", "tensorboard"}  # every extra

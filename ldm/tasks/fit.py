@@ -57,7 +57,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
                for name, lg in (cfg.get("logger") or {}).items() if lg is not None]
     return safe_instantiate(
         cfg.trainer, stored=False, where="trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins,
-        default_root_dir=run_dir,
+        default_root_dir=run_dir, _convert_="all",  # plain lists: Lightning 2.4 takes a ListConfig for one plugin
     )
 
 

@@ -3,14 +3,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.data.transforms import load_rgb, prepare_image
-from ldm.models.generate import Job, render
+from ldm.models.generate import Job
+from ldm.models.pipeline import load
 from ldm.models.sampling import Sampling, conditions
 from ldm.utils.atomic import atomic_write_json, atomic_write_text
-from ldm.utils.checkpoint import load_module
 from ldm.utils.dist_env import dist_env
 from ldm.utils.errors import ConfigError, missing_file
 from ldm.utils.images import save_png, to_uint8
@@ -54,34 +52,21 @@ def grid_jobs(t: DictConfig, sampling: Sampling, prompts: list[str], labels: lis
     raise ConfigError(f"unknown task.grid {t.grid!r}: none | prompts_x_seeds | prompt_x_guidance | sampler_x_steps")
 
 
-def encode_init_image(module, path: str, resolution: int) -> torch.Tensor:
-    """img2img: an image file -> normalised latent [1, C, h, w] (posterior mean).
-
-    The image is prepared like training data: its centred square, resized to `resolution` (never stretched).
-    """
-    if not Path(path).is_file():
-        raise missing_file(path, "task.init_image", "init image")
-    x = prepare_image(load_rgb(path), resolution, crop="center")
-    with torch.no_grad():
-        return module.latent_norm.normalize(module.first_stage.encode(x[None].to(module.device)).mean)
-
-
 def run(cfg: DictConfig) -> Path:
     allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     t = cfg.task
     sampling = safe_instantiate(cfg.sampling, stored=False)  # unknown sampler or schedule: fails before loading
     prompts, labels = read_conditions(t)
     [ckpt_path] = resolve_checkpoint(cfg.paths.run_dir, t.ckpt)
-    module, train_cfg, ckpt = load_module(ckpt_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    module.to(device)
-    step = int(ckpt.get("global_step", 0))
+    model = load(ckpt_path)  # the Python API's object: a script and this task draw the same images
+    step = model.step
     tag = t.tag or f"step{step:08d}-{t.grid}"
     out_dir = Path(cfg.paths.run_dir) / "samples" / tag
     init = None
-    if t.init_image:
-        resolution = module.latent_shape[-1] * module.first_stage.net.downsample_factor
-        init = encode_init_image(module, t.init_image, resolution)
+    if t.init_image:  # img2img: prepared like training data (centred square, resized), its posterior mean
+        if not Path(t.init_image).is_file():
+            raise missing_file(t.init_image, "task.init_image", "init image")
+        init = model.encode([t.init_image])
 
     rows, row_labels, col_labels = (
         grid_jobs(t, sampling, prompts, labels) if t.grid != "none"
@@ -91,7 +76,7 @@ def run(cfg: DictConfig) -> Path:
     env = dist_env()
     rank, world = env.rank, env.world_size
     mine = list(range(rank, len(jobs), world))  # several GPUs: rank r renders jobs r, r+W, ...
-    images = render(module, [jobs[i] for i in mine], sampling, init, strength=t.strength, progress=t.progress)
+    images = model.render([jobs[i] for i in mine], sampling, init, strength=t.strength, progress=t.progress)
 
     lines = []
     for i, image in zip(mine, images):

@@ -46,3 +46,25 @@ def test_wall_clock_checkpoints_write_last_between_step_checkpoints(tmp_path):
     assert seen == [None, 1, 2, 3] and not list(tmp_path.glob("step-0000000[123].ckpt"))
     without = _fit(tmp_path / "steps_only", max_steps=4, every_n_steps=1000).seen
     assert without == [None, None, None, None]  # only the final checkpoint, after the loop
+
+
+class ScoredModel(BoringModel):
+    """Validates every 2 steps with a made-up score, lowest at step 4 and highest at step 2."""
+
+    SCORES = {2: 5.0, 4: 1.0, 6: 3.0, 8: 4.0}
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", self.SCORES[self.trainer.global_step])
+
+
+def test_best_checkpoint_follows_the_monitored_metric(tmp_path):
+    for mode, best_step in (("min", 4), ("max", 2)):
+        out = tmp_path / mode
+        # an interval of 1 would mean "at epoch ends" to ModelCheckpoint (1 == 1.0); runs validate every N > 1 steps
+        trainer = L.Trainer(max_steps=8, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                            callbacks=checkpoint_callbacks(out, every_n_steps=1000, monitor="val/score", mode=mode),
+                            plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=out)
+        trainer.fit(ScoredModel())
+        assert torch.load(out / "best.ckpt", weights_only=True)["global_step"] == best_step
+        assert torch.load(out / "last.ckpt", weights_only=True)["global_step"] == 8

@@ -3,7 +3,7 @@ directory that a resume keeps."""
 import pytest
 import yaml
 
-from conftest import TINY_AE, compose_run, restored_environ
+from conftest import TINY_AE, compose_run, restored_environ, run_main
 
 
 def _fit(root, *extra):
@@ -73,3 +73,15 @@ def test_a_run_keeps_its_own_metrics_csv_and_curves_across_a_resume(tmp_path):
     assert (run_dir / "curves.png").stat().st_size > 0
     _fit(tmp_path, "trainer.max_steps=6", "trainer.log_every_n_steps=2", "logger=[]")
     assert [r["step"] for r in read_rows(run_dir / "metrics.csv") if "train/loss" in r] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_a_run_starts_without_a_screen_of_warnings(tiny_runs):
+    """What a user sees from `python main.py +experiment=shapes_txt2img`: the model summary, the [fit] lines and
+    progress, no warnings (known ones are silenced with their reasons in ldm/utils/known_noise.py)."""
+    result = run_main("+experiment=shapes_txt2img", *tiny_runs.ldm_overrides, "name=startup", "trainer.max_steps=2",
+                      "trainer.val_check_interval=2", "trainer.enable_progress_bar=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "[fit] fresh start" in output and "step 2/2" in output
+    assert not [line for line in output.splitlines() if "warn" in line.lower()]

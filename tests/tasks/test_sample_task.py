@@ -3,15 +3,16 @@ batch independence, img2img, clear errors and the allow-listed rebuild."""
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import ldm
 from conftest import compose_run
 from ldm.data.shapes import ShapesDataset
+from ldm.models.pipeline import image_batch
 from ldm.tasks import sample
 from ldm.utils.checkpoint import load_module
 from ldm.utils.errors import ConfigError
@@ -103,11 +104,8 @@ def test_sampler_x_steps_grid(tiny_runs):
 def test_img2img_departs_from_the_init_reconstruction_with_strength(tiny_runs, tmp_path):
     scene = ShapesDataset(size=1, resolution=16, seed=5)[0]
     init = save_png(to_uint8(scene["image"]).permute(1, 2, 0), tmp_path / "init.png")
-    module, _, _ = load_module(tiny_runs.ldm_ckpt)
-    with torch.no_grad():
-        z = sample.encode_init_image(module, str(init), 16)
-        reconstruction = to_uint8(module.first_stage.decode(module.latent_norm.unnormalize(z)).clamp(-1, 1))[0]
-    reconstruction = reconstruction.permute(1, 2, 0).numpy().astype(float)
+    model = ldm.load(tiny_runs.ldm_ckpt)  # task=sample encodes init images through the same Pipeline
+    reconstruction = np.asarray(model.decode(model.encode([init]), output="pil")[0]).astype(float)
 
     def distance(strength: float) -> float:
         out = run_sample(tiny_runs, f"task.prompts=[{scene['caption']}]", "sampling.seeds=[0]", "sampling.steps=20",
@@ -122,15 +120,13 @@ def test_img2img_departs_from_the_init_reconstruction_with_strength(tiny_runs, t
 
 
 def test_init_image_is_centre_cropped_not_stretched(tmp_path):
-    """A landscape init image keeps its centred square, resized (a stand-in first stage returns its pixels)."""
+    """A landscape init image keeps its centred square, resized (what Pipeline.encode feeds the first stage)."""
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)  # H=32, W=48
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    module = SimpleNamespace(device="cpu", latent_norm=SimpleNamespace(normalize=lambda z: z),
-                             first_stage=SimpleNamespace(encode=lambda x: SimpleNamespace(mean=x)))
-    exact = sample.encode_init_image(module, str(tmp_path / "wide.png"), 32)[0]
+    exact = image_batch([tmp_path / "wide.png"], 32)[0]
     assert torch.equal(to_uint8(exact).permute(1, 2, 0), torch.from_numpy(wide[:, 8:40]))  # columns 8..39
-    smaller = sample.encode_init_image(module, str(tmp_path / "wide.png"), 16)[0]
+    smaller = image_batch([str(tmp_path / "wide.png")], 16)[0]
     manual = Image.fromarray(wide[:, 8:40]).resize((16, 16), Image.Resampling.BICUBIC)
     assert torch.equal(to_uint8(smaller).permute(1, 2, 0), torch.from_numpy(np.array(manual)))
 
