@@ -71,14 +71,14 @@ class StepTimer(L.Callback):
 
 def compose_model(backbone: str):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        overrides = ["+experiment=shapes_txt2img", "model.first_stage=null", *BACKBONES[backbone]]
+        overrides = ["experiment=shapes_txt2img", "model.first_stage=null", *BACKBONES[backbone]]
         return compose("config", overrides=overrides).model
 
 
 def first_stage_and_cache(images: int, resolution: int, out_dir: Path):
     """The (untrained) shapes autoencoder, frozen, and a latent cache of `images` shapes written with it."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=shapes_autoencoder", f"data.resolution={resolution}"])
+        cfg = compose("config", overrides=["experiment=shapes_autoencoder", f"data.resolution={resolution}"])
     torch.manual_seed(0)
     first_stage = instantiate(cfg.model).requires_grad_(False).eval()
     dataset = ShapesDataset(size=images, resolution=resolution)

@@ -159,3 +159,28 @@ def pytest_addoption(parser):
 @pytest.fixture
 def stop_tries(request) -> int:
     return request.config.getoption("--stop-tries")
+
+
+@pytest.fixture(scope="session")
+def inception_weights_file(tmp_path_factory) -> Path:
+    """torch-fidelity's Inception-v3, randomly initialised (seed 0), saved as a local weights file: stands in for
+    pt_inception-2015-12-05, which tests may not download. Both ldm and torch-fidelity load it from this path.
+
+    He-normal convolutions keep the activations' scale through the 94 layers (PyTorch's default init shrinks pool3
+    features to ~1e-8, where FID is round-off), so the distances compared are of order one."""
+    from unittest import mock
+
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda *a: None), \
+            torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path

@@ -13,8 +13,9 @@ from ldm.data.stream_loader import StreamLoader
 class ImageDataModule(L.LightningDataModule):
     """Train/val loaders: map-style datasets are shuffled, streaming (iterable) ones shard themselves per rank.
 
-    `resolution`, `root` and `urls` are the config's top-level data knobs; the datasets were built from
-    them, and they are kept here only so that callers can read them (e.g. `datamodule.resolution`).
+    `resolution`, `root`, `urls` and the stream filters (`min_size`, `max_aspect`, `empty_caption`) are the config's
+    top-level data knobs; the datasets were built from them, and they are kept here only so that callers can read
+    them (e.g. `datamodule.resolution`).
     """
 
     def __init__(
@@ -28,6 +29,9 @@ class ImageDataModule(L.LightningDataModule):
         resolution: int | None = None,
         root: str | None = None,
         urls: str | Sequence[str] | None = None,
+        min_size: int | None = None,
+        max_aspect: float | None = None,
+        empty_caption: str | None = None,
     ):
         super().__init__()
         if batch_size <= 0 or num_workers < 0:
@@ -37,6 +41,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.pin_memory = pin_memory
         self.resolution, self.root, self.urls = resolution, root, urls
+        self.min_size, self.max_aspect, self.empty_caption = min_size, max_aspect, empty_caption
 
     def setup(self, stage: str) -> None:
         # Lightning calls this once the process group exists; streaming datasets take the rank now,

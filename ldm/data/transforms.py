@@ -37,11 +37,15 @@ def square_crop_box(width: int, height: int, crop: str) -> tuple[int, int, int, 
     return left, top, left + side, top + side
 
 
+def crop_and_resize(img: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:
+    """Crop to `box` (left, top, right, bottom), then bicubic resize to resolution x resolution."""
+    # crop first: resize(box=...) would let the filter reach pixels outside the crop
+    return img.crop(box).resize((resolution, resolution), Image.Resampling.BICUBIC)  # antialiased when shrinking
+
+
 def prepare_image(img: Image.Image, resolution: int, crop: str = "center", flip: bool = False) -> torch.Tensor:
     """Square crop, bicubic resize to resolution, optional random horizontal flip; float32 [3,H,W] in [-1,1]."""
-    # crop first: resize(box=...) would let the filter reach pixels outside the crop
-    img = img.crop(square_crop_box(img.width, img.height, crop))
-    img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)  # antialiased when shrinking
+    img = crop_and_resize(img, square_crop_box(img.width, img.height, crop), resolution)
     if flip and bool(torch.rand(()) < 0.5):
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return uint8_to_tensor(np.asarray(img))

@@ -15,11 +15,10 @@ construction, else `dist_env()` when iterating (a spawned DataLoader worker has 
 """
 
 import itertools
-import json
 import logging
 import multiprocessing
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 
@@ -27,15 +26,16 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
-from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
+from webdataset.tariterators import url_opener
 
+from ldm.data.preprocess import IMAGE_EXTENSIONS, Preprocess, caption_of, size_filter
 from ldm.data.skips import SkipCounter
+from ldm.data.tar_samples import tar_samples
 from ldm.data.transforms import CROPS, load_rgb, prepare_image
 from ldm.utils.dist_env import dist_env
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_EMPTY_DRAWS = 100  # resampled mode: this many shards in a row without a usable sample is an error, not a hang
 
 
@@ -63,22 +63,18 @@ def worker_share(total: int, worker: int, num_workers: int) -> int:
     return total // num_workers + int(worker < total % num_workers)
 
 
-def tar_members(streams: Iterator[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """Files of each opened shard, then an end-of-shard marker even when the shard is truncated.
+def shard_samples(streams: Iterator[dict]) -> Iterator[dict]:
+    """Grouped samples of each opened shard (ldm/data/tar_samples.py), tagged with the shard's url.
 
-    webdataset's own expander emits no marker after a read error, so the partial last sample of a
-    truncated shard could merge with a same-named first sample of the next shard.
+    The sample in progress where a shard is truncated (read error or no end-of-archive block) comes marked with
+    `__error__`: webdataset's own grouping would hand its members on as a complete-looking sample.
     """
     for shard in streams:
         try:
-            for member in tar_file_iterator(shard["stream"], handler=handler):
-                member["__url__"] = shard["url"]
-                yield member
-        except Exception as err:  # tarfile.ReadError on a truncated shard, OSError on a bad disk
-            handler(err)
+            for sample in tar_samples(shard["stream"], shard["url"]):
+                yield {**sample, "__url__": shard["url"]}
         finally:
             shard["stream"].close()
-        yield {}
 
 
 class SharedEpoch:
@@ -122,6 +118,9 @@ class WebImageDataset(IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        min_size: int = 0,
+        max_aspect: float | None = None,
+        empty_caption: str = "keep",
     ):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -133,6 +132,8 @@ class WebImageDataset(IterableDataset):
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shards = expand_shards(urls)
         self.resolution, self.crop, self.flip = resolution, crop, flip
+        # the filters (ldm/data/preprocess.py), applied here and by task=cache_latents, which records them in its plan
+        self.preprocess = Preprocess(resolution, min_size, max_aspect, empty_caption)
         self.resampled, self.epoch_samples = resampled, epoch_samples
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size = None, None
@@ -171,15 +172,22 @@ class WebImageDataset(IterableDataset):
     def _to_item(self, sample: dict) -> dict | None:
         """Decode one grouped tar sample; a bad one is counted and dropped (webdataset handlers skip no map stage)."""
         key = sample.get("__key__", "?")
+        if "__error__" in sample:  # a truncated shard: its last sample is counted, then the shard itself
+            self.skipped.add(f"{sample.get('__url__')}:{key}", "truncated tar member")
+            self.read_errors.add(sample.get("__url__"), sample["__error__"])
+            return None
         try:
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             if ext is None:
                 raise ValueError(f"no image among {sorted(k for k in sample if not k.startswith('__'))}")
-            image = prepare_image(load_rgb(sample[ext]), self.resolution, self.crop, self.flip)
-            if "txt" in sample:
-                caption = sample["txt"].decode("utf-8").strip()
-            else:
-                caption = str(json.loads(sample["json"]).get("caption") or "") if "json" in sample else ""
+            caption = caption_of(sample)
+            if not caption and self.preprocess.empty_caption == "skip":
+                raise ValueError("missing caption" if caption is None else "empty caption")
+            img = load_rgb(sample[ext])
+            if (rejected := size_filter(img.width, img.height, self.preprocess)) is not None:
+                raise ValueError(": ".join(rejected))
+            image = prepare_image(img, self.resolution, self.crop, self.flip)
+            caption = caption or ""
             label = int(sample["cls"].decode("utf-8")) if "cls" in sample else -1
         except Exception as err:
             self.skipped.add(f"{sample.get('__url__')}:{key}", err)
@@ -221,8 +229,7 @@ class WebImageDataset(IterableDataset):
                 urls = itertools.chain.from_iterable(self._shuffled(mine, rng) for _ in itertools.count())
                 shards = self._watch(urls, patience=2 * len(mine))
 
-        samples = group_by_keys(tar_members(url_opener(shards, handler=self._on_read_error), self._on_read_error),
-                                handler=self._on_read_error)
+        samples = shard_samples(url_opener(shards, handler=self._on_read_error))
         items = (item for item in map(self._to_item, samples) if item is not None)
         if self.shuffle_buffer > 0:
             items = wds.shuffle(self.shuffle_buffer, rng=rng)(items)

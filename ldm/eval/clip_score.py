@@ -41,6 +41,7 @@ class CLIPScore(nn.Module):
     ):
         super().__init__()
         self.model = load_open_clip(model_name, pretrained, image_size)
+        self.name = f"{model_name}/{Path(pretrained).name if pretrained and Path(pretrained).is_file() else pretrained}"
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg["size"]

@@ -30,6 +30,24 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def frechet_distance_features(feats1: torch.Tensor | np.ndarray, feats2: torch.Tensor | np.ndarray) -> float:
+    """FID between the Gaussians fitted to two feature sets [N1, D], [N2, D]; the same number as frechet_distance
+    on their feature_stats, computed in the N x N space when a set has fewer features than dimensions."""
+    f1, f2 = (np.asarray(f.detach().cpu() if torch.is_tensor(f) else f, dtype=np.float64) for f in (feats1, feats2))
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
+        raise ValueError(f"frechet_distance_features needs features [N >= 2, D] twice, got {f1.shape}, {f2.shape}")
+    if min(len(f1), len(f2)) >= f1.shape[1]:
+        return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    # sigma1 = A^T A, sigma2 = B^T B with A, B the centred features / sqrt(N - 1). The non-zero eigenvalues of
+    # sigma1 sigma2 are those of (A B^T)(A B^T)^T, so Tr((sigma1 sigma2)^(1/2)) is the nuclear norm of A B^T [N1, N2]:
+    # one small SVD instead of two D x D eigendecompositions (D = 2048 for Inception).
+    a = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
+    b = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
+    tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    diff = f1.mean(0) - f2.mean(0)
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * tr_covmean)
+
+
 def _polynomial_mmd2(f1: np.ndarray, f2: np.ndarray, degree: int, gamma: float, coef0: float) -> float:
     """Unbiased MMD^2 with k(x, y) = (gamma x.y + coef0)^degree (Binkowski et al. 2018, eq. 2 with the KID kernel)."""
     m = f1.shape[0]
@@ -82,7 +100,7 @@ def fid_kid(
     """FID and KID between two feature sets; the KID subset size is capped at the smaller set."""
     subset_size = min(kid_subset_size, len(feats1), len(feats2))
     kid_mean, kid_std = kid(feats1, feats2, subsets=kid_subsets, subset_size=subset_size, seed=seed)
-    return dict(fid=frechet_distance(*feature_stats(feats1), *feature_stats(feats2)), kid=kid_mean, kid_std=kid_std)
+    return dict(fid=frechet_distance_features(feats1, feats2), kid=kid_mean, kid_std=kid_std)
 
 
 def real_floor(

@@ -1,23 +1,21 @@
-"""Inception-v3 features for FID/KID as torch-fidelity computes them, and cached reference statistics per dataset."""
+"""Inception-v3 features for FID/KID/IS/precision-recall, the network and preprocessing of torch-fidelity."""
 import hashlib
-import json
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+import pickle
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
 
-from ldm.eval.frechet import feature_stats
-from ldm.utils.atomic import atomic_write
 from ldm.utils.errors import ConfigError, missing_file
 from ldm.utils.images import to_uint8
 
-WEIGHTS_KEY = "eval.fid.inception_weights"
+WEIGHTS_KEY = "eval.inception.weights_path"
+# How images reach 299 px: torch-fidelity's TF1-compatible bilinear (the original TF FID code, so published numbers),
+# or torchmetrics 1.9's default antialiased bilinear. Recorded with every result as `resize`.
+RESIZE = {False: "tf1-bilinear-299", True: "antialias-bilinear-299"}
 
 
 def inception_weights(weights_path: str | None) -> str:
@@ -40,8 +38,19 @@ def inception_weights(weights_path: str | None) -> str:
     return str(cached)
 
 
+def weights_hash(module: nn.Module) -> str:
+    """Short hash of a module's parameters and buffers: part of a feature extractor's name, so that other weights
+    never reuse reference statistics cached with these, and every result row says which weights scored it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 class InceptionFeatures(nn.Module):
-    """Inception-v3 pool3 features [B, 2048] (Heusel et al. 2017), the network and preprocessing of torch-fidelity.
+    """Inception-v3 pool3 features [B, 2048] (Heusel et al. 2017) and unbiased logits [B, 1008] (Salimans et al.
+    2016), the network and preprocessing of torch-fidelity.
 
     Resize to 299 px: antialias=False is torch-fidelity's TF1-compatible bilinear, which gives the published FID
     numbers. torchmetrics 1.9's FrechetInceptionDistance defaults to antialias=True, which shifts FID; pass
@@ -50,20 +59,34 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, *, weights_path: str | None = None, antialias: bool = False):
         super().__init__()
+        path = inception_weights(weights_path)
+        # torch-fidelity unpickles the file with weights_only=False: accept only a file that plain tensors load from
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # foreign objects; a damaged file
+            raise ConfigError(f"{path!r} is not an Inception-v3 state dict of plain tensors ({type(e).__name__}); "
+                              f"check the config key `{WEIGHTS_KEY}`") from e
         self.net = NoTrainInceptionV3(
             name="inception-v3-compat",
-            features_list=["2048"],
-            feature_extractor_weights_path=inception_weights(weights_path),
+            features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=path,
             antialias=antialias,
         )
-        self.name = "inception-v3-2048" + ("-antialias" if antialias else "-tf1resize")
+        self.resize = RESIZE[antialias]
+        self.name = f"inception-v3-2048-{weights_hash(self.net)}"  # the weights decide the features, not the path
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> features [B, 2048] float32 (quantised to uint8 first, like PNGs)."""
+    def pool_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] in [-1, 1] -> pool3 features [B, 2048] and logits [B, 1008], float32 (quantised to
+        uint8 first, like PNGs)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-        return self.net(to_uint8(images)).float()
+        pool, logits = self.net._torch_fidelity_forward(to_uint8(images))  # its forward() returns only the first
+        return pool.float(), logits.float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> pool3 features [B, 2048] float32."""
+        return self.pool_and_logits(images)[0]
 
 
 @torch.no_grad()
@@ -75,58 +98,3 @@ def extract_features(
     if not feats:
         raise ValueError("extract_features got no image batches")
     return torch.cat(feats)
-
-
-@dataclass(frozen=True)
-class ReferenceStats:
-    """Features of a real reference set and their Gaussian (mu, sigma) for FID; features also serve KID and floors."""
-
-    features: np.ndarray  # [N, D] float32
-    mu: np.ndarray  # [D] float64
-    sigma: np.ndarray  # [D, D] float64
-
-
-def _config_json(dataset_config: Mapping) -> str:
-    if isinstance(dataset_config, DictConfig):
-        dataset_config = OmegaConf.to_container(dataset_config, resolve=True)
-    return json.dumps(dataset_config, sort_keys=True, default=str)
-
-
-def config_hash(dataset_config: Mapping, extractor_name: str) -> str:
-    """Stable short hash of a dataset config (a dict or DictConfig, as sorted JSON) and the feature extractor's name."""
-    return hashlib.sha256(f"{extractor_name}\n{_config_json(dataset_config)}".encode()).hexdigest()[:16]
-
-
-def weights_hash(module: nn.Module) -> str:
-    """Short hash of a module's parameters and buffers: put it in `extractor_name` for trained extractors, so that
-    retrained weights never reuse statistics cached with the old ones."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
-def reference_stats(
-    extract: Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterable[torch.Tensor],
-    *,
-    cache_dir: str | Path,
-    dataset_config: Mapping,
-    extractor_name: str,
-    device: str | torch.device = "cpu",
-) -> ReferenceStats:
-    """Reference features + statistics, computed once and cached as <cache_dir>/<extractor>-<config hash>.npz.
-
-    `batches` is only iterated on a cache miss. The key covers the whole dataset config (name, split, resolution,
-    count, seed...) and the extractor, so a change of either recomputes instead of reusing stale statistics.
-    """
-    path = Path(cache_dir) / f"{extractor_name}-{config_hash(dataset_config, extractor_name)}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            return ReferenceStats(features=cached["features"], mu=cached["mu"], sigma=cached["sigma"])
-    features = extract_features(extract, batches, device).numpy()
-    mu, sigma = feature_stats(features)
-    config = np.array(_config_json(dataset_config))
-    atomic_write(path, lambda f: np.savez(f, features=features, mu=mu, sigma=sigma, dataset_config=config))
-    return ReferenceStats(features=features, mu=mu, sigma=sigma)

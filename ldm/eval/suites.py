@@ -10,6 +10,7 @@ from ldm.data.digits import DigitsDataset
 from ldm.data.shapes import ShapesDataset
 from ldm.eval.digits_classifier import class_accuracy, digits_classifier
 from ldm.eval.frechet import feature_stats, frechet_distance
+from ldm.eval.inception import weights_hash
 from ldm.eval.shapes_attributes import attribute_accuracy
 from ldm.eval.shapes_features import shapes_feature_net
 
@@ -65,6 +66,10 @@ class ShapesSuite:
         real, _, _ = self._load()
         return self.score(real["image"])
 
+    def protocol(self) -> dict[str, str]:
+        """What decides these numbers besides the samples: recorded with every result row."""
+        return dict(feature_extractor=f"shapes-smallcnn-{weights_hash(self._load()[2])}", resize="box-32")
+
 
 class DigitsSuite:
     """Class accuracy of class-conditional samples by a classifier trained on real digits, and FID in its features."""
@@ -98,6 +103,10 @@ class DigitsSuite:
             self._reference_images = _stack(self.reference)["image"]
         ref = self._reference_images
         return {"acc_class": class_accuracy(net, images, labels), "fid_digits": _fid(net, images, ref)}
+
+    def protocol(self) -> dict[str, str]:
+        """What decides these numbers besides the samples: recorded with every result row."""
+        return dict(feature_extractor=f"digits-smallcnn-{weights_hash(self._classifier())}", resize="box-32")
 
     def floor(self) -> dict[str, float]:
         """Held-out real digits (never seen by the classifier) scored like samples."""

@@ -6,6 +6,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.latent_cache import CacheResult, cache_latents
 from ldm.data.latent_cache.format import read_json
+from ldm.data.latent_cache.stream import cache_stream_latents
+from ldm.data.webdataset_images import WebImageDataset
 from ldm.models.first_stage import first_stage_hash, load_first_stage_with_config
 from ldm.utils.dist_env import dist_env
 from ldm.utils.errors import ConfigError
@@ -44,6 +46,8 @@ def _report(split: str, out_dir: Path, result: CacheResult) -> None:
     reasons = f" {skipped['reasons']} (e.g. {keys}; all in manifest.json)" if skipped["total"] else ""
     print(f"[{split}] {result.manifest}: {manifest['num_samples']} latents {manifest['latent_shape']}, "
           f"{skipped['total']} inputs skipped{reasons}")
+    counts = ", ".join(f"{n} {reason}" for reason, n in skipped["reasons"].items())
+    print(f"[{split}] {manifest['num_samples']} written, {skipped['total']} skipped ({counts or 'none'})")
 
 
 def run(cfg: DictConfig) -> dict[str, CacheResult]:
@@ -66,22 +70,14 @@ def run(cfg: DictConfig) -> dict[str, CacheResult]:
             continue
         _check_deterministic(dataset, split)
         out_dir = Path(task.out_dir) / split
-        results[split] = cache_latents(
-            first_stage,
-            dataset,
-            out_dir,
-            first_stage_hash=identity,
-            first_stage_config=model_config,
-            source=OmegaConf.to_container(cfg.data[split], resolve=True) if cfg.data.get(split) else None,
-            samples_per_shard=task.samples_per_shard,
-            batch_size=task.batch_size,
-            num_workers=task.num_workers,
-            flip=task.flip,
-            rank=rank,
-            world_size=world_size,
-            device=_device(task.device),
-            stale_after_s=task.stale_claim_s,
-            progress=task.progress,
-        )
+        common = dict(first_stage_hash=identity, first_stage_config=model_config, batch_size=task.batch_size,
+                      num_workers=task.num_workers, flip=task.flip, rank=rank, world_size=world_size,
+                      device=_device(task.device), stale_after_s=task.stale_claim_s, progress=task.progress)
+        if isinstance(dataset, WebImageDataset):  # input tar shard i -> latent shard i
+            results[split] = cache_stream_latents(first_stage, dataset.shards, out_dir, dataset.preprocess, **common)
+        else:
+            source = OmegaConf.to_container(cfg.data[split], resolve=True) if cfg.data.get(split) else None
+            results[split] = cache_latents(first_stage, dataset, out_dir, source=source,
+                                           samples_per_shard=task.samples_per_shard, **common)
         _report(split, out_dir, results[split])
     return results

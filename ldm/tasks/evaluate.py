@@ -50,8 +50,24 @@ def samples_for(path: Path, sampling: Sampling, suite, out: Path, progress: bool
     return images, step
 
 
+def protocol(sampling: Sampling, num_samples: int, ckpt_sha256: str, suite) -> dict:
+    """What decides a row's numbers besides the model's skill, written with it: the checkpoint's content, EMA or raw
+    weights, the sampling settings, the seeds (sample i: seed_offset + i), n, and the suite's own (feature
+    extractor, resize, reference set)."""
+    return dict(
+        ckpt_sha256=ckpt_sha256, weights="ema" if sampling.use_ema else "raw", sampler=sampling.sampler,
+        steps=sampling.steps, schedule=sampling.schedule, guidance_scale=sampling.guidance_scale,
+        guidance_rescale=sampling.guidance_rescale, eta=sampling.eta,
+        seeds=f"{sampling.seed_offset}..{sampling.seed_offset + num_samples - 1}", n=num_samples, **suite.protocol(),
+    )
+
+
+def row_key(row: dict) -> tuple:
+    return row["step"], row["tag"], row.get("suite")
+
+
 def write_tables(rows: list[dict], eval_dir: Path) -> None:
-    """metrics.json and metrics.csv, one row per (checkpoint step, sampling settings), sorted by step."""
+    """metrics.json and metrics.csv, one row per (checkpoint step, sampling settings, suite), sorted by step."""
     rows = sorted(rows, key=lambda r: (r["tag"], r["step"]))
     atomic_write_json(eval_dir / "metrics.json", rows)
     table = io.StringIO()
@@ -83,23 +99,30 @@ def run(cfg: DictConfig) -> list[dict]:
     eval_dir = Path(cfg.paths.run_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     prompts, labels = suite.conditions()
-    tag = settings_tag(sampling, len(prompts or labels))
+    num_samples = len(prompts or labels)
+    tag = settings_tag(sampling, num_samples)
 
-    floor_path = eval_dir / f"floor-{suite.name}.json"
+    # the floor depends on the suite's protocol (a reference set, a feature network): one file per protocol
+    suite_key = hashlib.sha256(json.dumps(suite.protocol(), sort_keys=True).encode()).hexdigest()[:8]
+    floor_path = eval_dir / f"floor-{suite.name}-{suite_key}.json"
     floor = json.loads(floor_path.read_text()) if floor_path.is_file() else suite.floor()
     atomic_write_json(floor_path, floor)
 
     old = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else []
-    rows = []
+    rows, scores = [], []
     for path in resolve_checkpoint(cfg.paths.run_dir, str(t.ckpt)):
         # samples are reused for the same checkpoint content (last.ckpt is overwritten as training goes on, a
         # copied file keeps its samples) and the same sampling settings and conditions
-        out = eval_dir / "samples" / f"{sha256_path(path)[:16]}-{samples_key(sampling, prompts, labels)}.pt"
+        ckpt_sha256 = sha256_path(path)
+        out = eval_dir / "samples" / f"{ckpt_sha256[:16]}-{samples_key(sampling, prompts, labels)}.pt"
         images, step = samples_for(path, sampling, suite, out, t.progress)
-        rows.append(dict(step=step, ckpt=str(path), tag=tag, suite=suite.name, **suite.score(images)))
-    new_keys = {(r["step"], r["tag"]) for r in rows}
-    write_tables([r for r in old if (r["step"], r["tag"]) not in new_keys] + rows, eval_dir)
+        score = suite.score(images)
+        scores.append(dict(step=step, **score))
+        rows.append(dict(step=step, ckpt=str(path), tag=tag, suite=suite.name,
+                         **protocol(sampling, len(images), ckpt_sha256, suite), **score))
+    new_keys = {row_key(r) for r in rows}
+    write_tables([r for r in old if row_key(r) not in new_keys] + rows, eval_dir)
     if t.ckpt == "all" and len(rows) > 1:
-        plot_metrics(rows, eval_dir / f"metrics-{tag}.png")
+        plot_metrics(scores, eval_dir / f"metrics-{tag}.png")  # the metrics, not the protocol's numbers
     print_table(rows, floor)
     return rows

@@ -526,7 +526,7 @@ def test_flow_euler_matches_diffusers():
     sigmas = flow_sigmas(n, shift=3.0).float()
     t_steps = sigmas / (1 + sigmas)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
-    sched.set_timesteps(sigmas=t_steps[:-1].tolist())
+    sched.set_timesteps(sigmas=t_steps[:-1].numpy())  # an array: diffusers 0.30 does maths on it
 
     def velocity(x_t, timestep):
         return eps_model(x_t, timestep) - 0.5 * x_t

@@ -1,4 +1,4 @@
-"""Metrics: FID/KID maths against torch-fidelity and torchmetrics, Inception loading and stats caching (offline),
+"""Metrics: FID/KID maths against torch-fidelity and torchmetrics, Inception loading (offline),
 CLIP score, shapes attribute measurement on real scenes, the small feature/classifier networks, reconstruction."""
 import urllib.error
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from omegaconf import OmegaConf
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
@@ -19,7 +18,7 @@ from ldm.data.shapes import ShapesDataset
 from ldm.eval import inception
 from ldm.eval.clip_score import CLIPScore
 from ldm.eval.digits_classifier import class_accuracy, digits_classifier
-from ldm.eval.frechet import feature_stats, fid_kid, frechet_distance, kid, real_floor
+from ldm.eval.frechet import feature_stats, fid_kid, frechet_distance, frechet_distance_features, kid, real_floor
 from ldm.eval.reconstruction import psnr, reconstruction_metrics, ssim
 from ldm.eval.shapes_attributes import ATTRIBUTES, attribute_accuracy, measure_attributes
 from ldm.eval.shapes_features import render_scenes, shapes_feature_net, slot_accuracy
@@ -63,6 +62,17 @@ def test_feature_stats_and_frechet_distance_match_torch_fidelity_torchmetrics_an
     assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0.0, abs=1e-8)
 
 
+@pytest.mark.parametrize("n1,n2,d", [(20, 30, 64), (40, 10, 64), (80, 90, 16)])
+def test_frechet_distance_from_features_equals_the_covariance_route(n1, n2, d):
+    """Fewer features than dimensions (rank-deficient covariances, as with small n and Inception's 2048): the N x N
+    nuclear-norm route gives the D x D eigendecomposition's number."""
+    f1, f2 = random_features(n1, d, seed=6), random_features(n2, d, seed=7, shift=0.2)
+    expected = frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    # 1e-7: the D x D route takes square roots of round-off eigenvalues (~1e-16 -> ~1e-8 each) of the null space
+    assert frechet_distance_features(f1, f2) == pytest.approx(expected, rel=1e-7)
+    assert frechet_distance_features(f1, f1) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_frechet_distance_of_gaussians_with_a_shared_eigenbasis_is_the_closed_form():
     """Covariances Q diag(a) Q^T and Q diag(b) Q^T commute: d^2 = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2."""
     g = np.random.default_rng(0)
@@ -102,7 +112,7 @@ def test_real_floor_splits_disjoint_halves_and_sits_below_a_shifted_set():
 
 
 def test_inception_missing_weights_file_names_the_config_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match="eval.fid.inception_weights"):
+    with pytest.raises(FileNotFoundError, match="eval.inception.weights_path"):
         inception.InceptionFeatures(weights_path=str(tmp_path / "missing.pth"))
 
 
@@ -112,55 +122,20 @@ def test_inception_failed_download_names_the_config_key(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(ConfigError, match="eval.fid.inception_weights"):
+    with pytest.raises(ConfigError, match="eval.inception.weights_path"):
         inception.InceptionFeatures()
 
 
 @pytest.mark.slow
-def test_inception_features_equal_torch_fidelity_given_the_same_weights_file(tmp_path, monkeypatch):
+def test_inception_features_equal_torch_fidelity_given_the_same_weights_file(inception_weights_file):
     # Random weights stand in for the real file (offline): the network and preprocessing must be torch-fidelity's.
-    with monkeypatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        torch.manual_seed(0)
-        random_net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp_path / "inception.pth"
-    torch.save(random_net.state_dict(), weights)
+    weights = inception_weights_file
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     ours = inception.InceptionFeatures(weights_path=str(weights))(images)
     reference_net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(weights))
     (reference,) = reference_net(to_uint8(images))
     assert ours.shape == (2, 2048)
     torch.testing.assert_close(ours, reference)
-
-
-def test_reference_stats_are_computed_once_and_keyed_by_dataset_config(tmp_path):
-    calls = []
-
-    def extract(images):  # stand-in feature extractor: per-channel means and stds
-        calls.append(len(images))
-        return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)
-
-    batches = list(torch.rand(3, 16, 3, 8, 8).unbind(0))
-    config = {"name": "shapes", "resolution": 8, "split": "val"}
-    stats = inception.reference_stats(extract, batches, cache_dir=tmp_path, dataset_config=config, extractor_name="x")
-    assert calls == [16, 16, 16] and stats.features.shape == (48, 6)
-    mu, sigma = feature_stats(stats.features)
-    np.testing.assert_allclose(stats.mu, mu)
-    np.testing.assert_allclose(stats.sigma, sigma)
-
-    def never():
-        raise AssertionError("batches read although the statistics are cached")
-        yield
-
-    cached = inception.reference_stats(extract, never(), cache_dir=tmp_path, dataset_config=config, extractor_name="x")
-    np.testing.assert_array_equal(cached.features, stats.features)
-    np.testing.assert_array_equal(cached.sigma, stats.sigma)
-    other = {**config, "resolution": 16}
-    inception.reference_stats(extract, batches, cache_dir=tmp_path, dataset_config=other, extractor_name="x")
-    assert len(calls) == 6 and len(list(tmp_path.glob("x-*.npz"))) == 2
-    assert inception.config_hash(OmegaConf.create(config), "x") == inception.config_hash(config, "x")
-    assert inception.config_hash(config, "x") != inception.config_hash(config, "y")
 
 
 def test_weights_hash_tells_retrained_extractors_apart():

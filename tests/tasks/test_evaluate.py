@@ -1,12 +1,15 @@
 """Evaluation: the shapes suite, task=evaluate over every checkpoint, and the eval-during-training callback."""
 import csv
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import TINY_TXT2IMG, compose_run, restored_environ
 from ldm.eval.suites import ShapesSuite, _stack
+from ldm.utils.hashing import sha256_path
 
 
 def test_shapes_suite_floor_is_perfect_and_a_prefix_is_scored_against_its_prompts(shapes_feature_weights):
@@ -57,15 +60,56 @@ def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_f
     rows = evaluate.run(eval_cfg)
     assert [r["step"] for r in rows] == [3, 6]
     assert all(r["tag"] == "euler-2-default-g3-ema-n6" for r in rows)
+    assert all(r["feature_extractor"].startswith("shapes-smallcnn-") and (r["weights"], r["n"], r["seeds"]) ==
+               ("ema", 6, "0..5") for r in rows)  # the protocol, with every row
     stored = json.loads((eval_dir / "metrics.json").read_text())
     assert [(r["step"], r["acc_color"]) for r in stored] == [(r["step"], r["acc_color"]) for r in rows]
     with open(eval_dir / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
     assert (eval_dir / "metrics-euler-2-default-g3-ema-n6.png").stat().st_size > 0
-    assert json.loads((eval_dir / "floor-shapes.json").read_text())["acc_color"] == 1.0
+    [floor] = eval_dir.glob("floor-shapes-*.json")  # one per suite protocol (here: the feature network's weights)
+    assert json.loads(floor.read_text())["acc_color"] == 1.0
 
     # a second evaluation reuses the stored samples: no checkpoint is loaded, the numbers are the same
     monkeypatch.setattr(evaluate, "load_module", lambda *a, **k: pytest.fail("samples were regenerated"))
     again = evaluate.run(eval_cfg)
     assert [r["acc_shape"] for r in again] == [r["acc_shape"] for r in rows]
     assert torch.isfinite(torch.tensor([r["fid_shapes"] for r in again])).all()
+
+
+@pytest.mark.slow
+def test_evaluate_against_a_reference_folder_writes_metrics_and_protocol(tiny_runs, inception_weights_file, tiny_clip,
+                                                                       tmp_path):
+    """eval=reference on a rehearsal set: built-in shapes exported as PNGs, a prompts file, a random Inception file."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "eval"))
+    from ldm.tasks import evaluate
+    from reference_sets import shapes_images, write_folder, write_prompts
+
+    reference = write_folder(shapes_images(8, resolution=16), tmp_path / "reference")
+    overrides = [  # its own run directory (the shared `ldm` run is copied by other tests): the ldm checkpoint by path
+        *(o for o in tiny_runs.ldm_overrides if not o.startswith("name=")), "name=ldm_reference_eval",
+        "task=evaluate", f"task.ckpt={tiny_runs.ldm_ckpt}", "task.progress=false", "sampling.steps=2",
+        "eval=reference", f"eval.prompts_file={write_prompts(tmp_path / 'prompts.txt', 6)}",
+        f"eval.reference_dir={reference}", "eval.num_samples=6", "eval.resolution=16",
+        f"eval.inception.weights_path={inception_weights_file}", f"eval.clip.model_name={tiny_clip}",
+        "eval.clip.pretrained=null", "eval.kid_subsets=5", "eval.is_splits=2", f"eval.stats_dir={tmp_path / 'stats'}",
+    ]
+    [row] = evaluate.run(compose_run("shapes_txt2img", overrides))
+    assert row["suite"] == "reference" and row["step"] == tiny_runs.ldm_steps
+    assert all(np.isfinite(row[k]) for k in ("fid", "kid", "kid_std", "is", "is_std", "clip_score"))
+    assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and row["fid"] > 0
+    assert (row["ckpt_sha256"], row["weights"], row["sampler"], row["steps"], row["seeds"], row["n"]) == (
+        sha256_path(tiny_runs.ldm_ckpt), "ema", "euler", 2, "0..5", 6)
+    assert row["resize"] == "tf1-bilinear-299" and row["feature_extractor"].startswith("inception-v3-2048-")
+    assert row["extractor_clip"] == f"{tiny_clip}/None" and row["n_reference"] == 8
+    assert len(list((tmp_path / "stats").glob("reference-*.npz"))) == 1  # computed once, cached
+
+    eval_dir = tiny_runs.root / "experiments" / "ldm_reference_eval" / "eval"
+    assert json.loads((eval_dir / "metrics.json").read_text()) == [row]
+    with open(eval_dir / "metrics.csv") as f:
+        [csv_row] = list(csv.DictReader(f))
+    assert csv_row["ckpt_sha256"] == row["ckpt_sha256"] and float(csv_row["fid"]) == pytest.approx(row["fid"])
+    [floor] = eval_dir.glob("floor-reference-*.json")  # two disjoint halves of the reference set
+    assert set(json.loads(floor.read_text())) == {"fid", "kid", "kid_std", "precision", "recall"}

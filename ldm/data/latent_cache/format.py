@@ -11,6 +11,7 @@ MEMBERS = ("json", "mean.npy", "std.npy")
 FLIP_MEMBERS = ("flip.mean.npy", "flip.std.npy")
 CHECKSUM_MEMBER = "crc32"  # last, so it covers every member written before it
 STORE_DTYPE = "float16"
+STREAM_SHARD_SLOTS = 10**6  # record indices per input shard of a stream: input shard s holds [s * slots, (s+1) * slots)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,22 @@ class ShardPlan:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got {rank=}, {world_size=}")
         return range(rank, self.num_shards, world_size)
+
+
+def stream_layout(num_shards: int) -> ShardPlan:
+    """One latent shard per input tar shard: the j-th sample of input shard s gets index s * STREAM_SHARD_SLOTS + j.
+
+    A tar's sample count is unknown until it is read, so indices are slots: a skipped sample leaves its slot empty,
+    and a resumed run gives every sample the index the first run gave it.
+    """
+    return ShardPlan(num_shards * STREAM_SHARD_SLOTS, STREAM_SHARD_SLOTS)
+
+
+def plan_layout(plan: dict) -> ShardPlan:
+    """The shard layout a plan.json describes: a dataset in fixed-size shards, or a stream (num_inputs null)."""
+    if plan["num_inputs"] is None:
+        return stream_layout(plan["num_shards"])
+    return ShardPlan(plan["num_inputs"], plan["samples_per_shard"])
 
 
 def shard_name(shard: int) -> str:

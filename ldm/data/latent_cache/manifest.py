@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ldm.data.latent_cache.format import (
-    CLAIMS, FORMAT, MANIFEST, PLAN, STORE_DTYPE, VERSION, ShardPlan, member_names, read_json, shard_name,
+    CLAIMS, FORMAT, MANIFEST, PLAN, STORE_DTYPE, VERSION, ShardPlan, member_names, plan_layout, read_json,
+    shard_name,
 )
 from ldm.data.latent_cache.verify import completed_shard
 from ldm.utils.atomic import atomic_write_json
@@ -86,7 +87,7 @@ def build_manifest(plan: dict, sidecars: list[dict]) -> dict:
     num_samples = sum(s["count"] for s in sidecars)
     if num_samples == 0:
         reasons = Counter(e["reason"] for e in skipped)
-        raise ValueError(f"every one of the {plan['num_inputs']} inputs was skipped: {dict(reasons)}")
+        raise ValueError(f"every one of the {len(skipped)} inputs was skipped: {dict(reasons)}")
     shapes = {tuple(s["latent_shape"]) for s in sidecars if s["count"]}
     if shapes != {tuple(plan["latent_shape"])}:
         raise ValueError(f"shards disagree on the latent shape: {shapes}, plan says {plan['latent_shape']}")
@@ -109,7 +110,7 @@ def write_manifest_if_complete(out_dir: Path) -> Path | None:
     plan = read_json(out_dir / PLAN)
     if plan is None:
         return None
-    layout = ShardPlan(plan["num_inputs"], plan["samples_per_shard"])
+    layout = plan_layout(plan)
     sidecars = [completed_shard(out_dir, layout, shard, check_sha256=False) for shard in range(layout.num_shards)]
     if any(s is None for s in sidecars):
         return None

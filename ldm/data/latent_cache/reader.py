@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.latent_cache.format import record_key
+from ldm.data.latent_cache.format import read_json, record_key, sidecar_path
 from ldm.data.latent_cache.manifest import read_manifest
-from ldm.data.latent_cache.tar_index import index_shard
+from ldm.data.latent_cache.tar_index import compact_index, index_shard, json_offsets, member_spans
 from ldm.data.latent_cache.verify import check_record, check_shards
 from ldm.data.latent_norm import LatentNorm
 from ldm.data.skips import SkipCounter, check_on_corrupt, skipped_item
@@ -81,19 +81,41 @@ class LatentDataset(Dataset):
                 "Re-run task=cache_latents with this autoencoder, or point the data at its cache."
             )
 
+    def _shard_index(self, shard: int, path: Path, entry: dict) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(record indices, json sizes, other members' sizes) of one shard: from its sidecar's index, without
+        touching the tar (start-up O(shards)), or by scanning its tar headers for a cache written before that index."""
+        sidecar = read_json(sidecar_path(self.path, shard)) or {}
+        if "index" in sidecar and (sidecar.get("sha256"), sidecar.get("bytes")) == (entry["sha256"], entry["bytes"]):
+            index = sidecar["index"]
+            records = entry["indices"][0] + np.asarray(index["positions"], dtype=np.int64)
+            return records, np.asarray(index["json_bytes"], dtype=np.int64), index["fixed_bytes"]
+        indices, spans = index_shard(path, self.members)
+        return np.asarray(indices, dtype=np.int64), *compact_index(indices, spans)
+
     def _build_index(self) -> None:
         """Flat arrays (not per-sample dicts) so worker processes share them instead of copying on access."""
-        shard_ids, records, spans = [], [], []
+        shard_ids, records, offsets, json_sizes, self.fixed_bytes = [], [], [], [], None
         for shard, (path, entry) in enumerate(zip(self.shard_paths, self.manifest["shards"])):
-            indices, shard_spans = index_shard(path, self.members)
+            indices, json_bytes, fixed_bytes = self._shard_index(shard, path, entry)
             if len(indices) != entry["count"]:
                 raise ValueError(f"{path}: {len(indices)} samples, manifest says {entry['count']}")
+            if not len(indices):  # every input of the shard was skipped
+                continue
+            if self.fixed_bytes not in (None, fixed_bytes):
+                raise ValueError(f"{path}: member sizes {fixed_bytes} differ from other shards' {self.fixed_bytes}")
+            self.fixed_bytes = fixed_bytes
+            shard_offsets = json_offsets(json_bytes, fixed_bytes)
+            end = member_spans(int(shard_offsets[-1]), int(json_bytes[-1]), fixed_bytes)[-1]
+            if sum(end) > entry["bytes"]:
+                raise ValueError(f"{path}: its index reaches byte {sum(end)} of a {entry['bytes']}-byte shard")
             shard_ids.append(np.full(len(indices), shard, dtype=np.int32))
-            records.append(np.asarray(indices, dtype=np.int64))
-            spans.append(shard_spans)
+            records.append(indices)
+            offsets.append(shard_offsets)
+            json_sizes.append(json_bytes.astype(np.int32))
         self.shard_of = np.concatenate(shard_ids)
-        self.record_of = np.concatenate(records)  # the dataset index each record was cached from (its tar key)
-        self.spans = np.concatenate(spans)  # [N, M, 2]: (offset, size) of each member
+        self.record_of = np.concatenate(records)  # the index each record was cached from (its tar key)
+        self.offsets = np.concatenate(offsets)  # [N]: where each record's json member's data starts
+        self.json_bytes = np.concatenate(json_sizes)  # [N]: its size; the other members follow (tar_index.py)
         if len(self.shard_of) != self.manifest["num_samples"]:
             expected = self.manifest["num_samples"]
             raise ValueError(f"{self.path}: {len(self.shard_of)} samples indexed, manifest says {expected}")
@@ -103,7 +125,7 @@ class LatentDataset(Dataset):
 
     def read_members(self, index: int) -> dict[str, bytes]:
         """The checked raw bytes of sample `index`'s members: one positioned read of their contiguous span."""
-        spans = self.spans[index].tolist()
+        spans = member_spans(int(self.offsets[index]), int(self.json_bytes[index]), self.fixed_bytes)
         start, stop = min(o for o, _ in spans), max(o + n for o, n in spans)
         shard = self.shard_paths[self.shard_of[index]]
         fd = os.open(shard, os.O_RDONLY)
@@ -141,6 +163,9 @@ class LatentDataset(Dataset):
         z = mean + std * torch.randn(mean.shape, generator=generator)  # reparameterised posterior sample
         meta = json.loads(members["json"])
         sample = {"latent": self.norm.normalize(z), **{k: meta[k] for k in ("caption", "label", "key")}}
+        for name in ("original_size", "crop_box"):  # streamed images: (w, h) and (left, top, right, bottom) in pixels
+            if name in meta:
+                sample[name] = torch.tensor(meta[name], dtype=torch.long)
         if "attrs" in meta:
             sample["attrs"] = {name: torch.tensor(values, dtype=torch.long) for name, values in meta["attrs"].items()}
         return sample

@@ -1,4 +1,10 @@
-"""Where each record's members lie in a shard: parsed from the USTAR headers alone, without extracting anything."""
+"""Where each record's members lie in a shard: from the sidecar's compact index (O(1) per shard at start-up), or for
+caches written before it, parsed from the USTAR headers alone, without extracting anything.
+
+The writer puts a record's members one after another, json first, each as a 512-byte header plus its data padded
+to whole blocks. Every member but the json has the same size in every record, so a record's json size fixes
+where all its members lie: the index stores per record only its position in the shard and its json size.
+"""
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,3 +51,34 @@ def index_shard(path: Path, members: list[str]) -> tuple[list[int], np.ndarray]:
     indices = sorted(rows)
     spans = np.array([[rows[i][m] for m in members] for i in indices], dtype=np.int64).reshape(len(indices), len(members), 2)
     return indices, spans
+
+
+def padded(size: int | np.ndarray) -> int | np.ndarray:
+    """Bytes a member's data occupies: its size rounded up to whole 512-byte blocks."""
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def json_offsets(json_bytes: np.ndarray, fixed_bytes: list[int]) -> np.ndarray:
+    """Data offset [n] of each record's json member in a shard written record after record (see the docstring)."""
+    fixed = sum(TAR_BLOCK + padded(size) for size in fixed_bytes)
+    records = TAR_BLOCK + padded(json_bytes.astype(np.int64)) + fixed  # bytes of each whole record
+    return TAR_BLOCK + np.cumsum(records) - records  # each record starts where the ones before it end
+
+
+def member_spans(offset: int, json_bytes: int, fixed_bytes: list[int]) -> list[tuple[int, int]]:
+    """(data offset, size) of one record's members, json first, from its json member's offset and size."""
+    spans, position = [(offset, json_bytes)], offset + padded(json_bytes)
+    for size in fixed_bytes:
+        spans.append((position + TAR_BLOCK, size))
+        position += TAR_BLOCK + padded(size)
+    return spans
+
+
+def compact_index(indices: list[int], spans: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """(json sizes [n], the other members' sizes) of a header-scanned shard, checked to follow the writer's layout."""
+    json_bytes, fixed_bytes = spans[:, 0, 1], spans[0, 1:, 1].tolist() if len(spans) else []
+    offsets = json_offsets(json_bytes, fixed_bytes)
+    expected = np.array([member_spans(o, n, fixed_bytes) for o, n in zip(offsets.tolist(), json_bytes.tolist())])
+    if len(spans) and not np.array_equal(expected.reshape(spans.shape), spans):
+        raise ValueError("shard members are not laid out record after record, json first (not written by ldm)")
+    return json_bytes, fixed_bytes

@@ -2,6 +2,7 @@
 import io
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,10 @@ class ShardWriter:
         self.latent_shape: list[int] | None = None
         self.sum = self.sum_sq = None  # float64 [C]: sum of mean, sum of mean^2 + std^2
         self.elements = 0  # per channel
+        # the sidecar's index (tar_index.py): each record's position in the shard and json size; other sizes are fixed
+        self.positions: list[int] = []
+        self.json_bytes: list[int] = []
+        self.fixed_bytes: list[int] | None = None
 
     def _add_member(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -46,8 +51,15 @@ class ShardWriter:
         data = {"json": json.dumps(meta, sort_keys=True).encode()}
         data.update({ext: _npy_bytes(moments[ext]) for ext in member_names(self.flip) if ext.endswith(".npy")})
         data[CHECKSUM_MEMBER] = record_checksum(data.values())
+        sizes = [len(member) for member in data.values()]
+        if self.fixed_bytes is None:
+            self.fixed_bytes = sizes[1:]
+        if sizes[1:] != self.fixed_bytes:  # the index relies on it; equal latent shapes guarantee it
+            raise ValueError(f"record {key}: member sizes {sizes[1:]} differ from the shard's {self.fixed_bytes}")
         for ext, member in data.items():
             self._add_member(f"{key}.{ext}", member)
+        self.positions.append(index - self.indices.start)
+        self.json_bytes.append(sizes[0])
         self.count += 1
         self.seen += 1
 
@@ -78,8 +90,8 @@ class ShardWriter:
     def done(self) -> bool:
         return self.seen == len(self.indices)
 
-    def commit(self) -> dict | None:
-        """Close, fsync, rename into place, write the sidecar; None if another process took the shard over."""
+    def commit(self, **extra) -> dict | None:
+        """Close, fsync, rename into place, write the sidecar (plus `extra`); None if another process took over."""
         self.tar.close()
         self.out.sync()
         if self.claim.superseded():
@@ -92,6 +104,10 @@ class ShardWriter:
             "bytes": self.out.tmp.stat().st_size,
             "sha256": sha256_file(self.out.tmp),
             "skipped": self.skipped,
+            "skip_reasons": dict(sorted(Counter(entry["reason"] for entry in self.skipped).items())),
+            "index": {"positions": self.positions, "json_bytes": self.json_bytes,
+                      "fixed_bytes": self.fixed_bytes or []},
+            **extra,
             "latent_shape": self.latent_shape,
             "stats": {
                 "elements": self.elements,

@@ -1,0 +1,102 @@
+"""Latent cache start-up at scale: synthetic small latent records across shards, written by the cache's own
+ShardWriter (sidecar index included), then LatentDataset's start-up time, index bytes per sample and random reads.
+
+    python benchmarks/bench_latent_index.py [--records 1000000] [--shards 1000] [--workers 2] [--out DIR]
+
+The records are stream-cache records (input shard s, sample j -> index s * STREAM_SHARD_SLOTS + j) with a
+[4, 4, 4] latent, a caption, original size and crop box; no first stage runs, so this measures the index alone.
+Start-up is timed with the shards just written (warm page cache). Targets (issue 14): start-up <= 10 s and
+<= 100 index bytes per sample for 1,000,000 records in 1,000 shards.
+"""
+import argparse
+import json
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm.data.latent_cache import LatentDataset
+from ldm.data.latent_cache.claims import try_claim
+from ldm.data.latent_cache.format import read_json, sidecar_path, stream_layout
+from ldm.data.latent_cache.manifest import ensure_plan, write_manifest_if_complete
+from ldm.data.latent_cache.stream import stream_plan
+from ldm.data.latent_cache.writer import ShardWriter
+from ldm.data.preprocess import Preprocess
+
+LATENT_SHAPE = (4, 4, 4)
+
+
+def write_shard(out_dir: Path, num_shards: int, shard: int, count: int) -> None:
+    """One shard of `count` random float16 posteriors, as the stream cache writes them."""
+    layout, rng = stream_layout(num_shards), np.random.default_rng(shard)
+    mean = rng.standard_normal((count, *LATENT_SHAPE)).astype(np.float16)
+    std = np.abs(rng.standard_normal((count, *LATENT_SHAPE))).astype(np.float16)
+    claim = try_claim(out_dir, shard, stale_after_s=600)
+    writer = ShardWriter(out_dir, layout, claim, flip=False)
+    for j in range(count):
+        meta = {"key": f"{shard:05d}{j:04d}", "caption": f"a synthetic caption number {j}", "label": -1,
+                "original_size": [640, 480], "crop_box": [80, 0, 560, 480]}
+        writer.add(layout.indices(shard).start + j, meta, {"mean.npy": mean[j], "std.npy": std[j]})
+    writer.add_stats(torch.from_numpy(mean), torch.from_numpy(std))
+    writer.commit(input=f"synthetic/{shard:05d}.tar")
+    claim.release(shard_complete=True)
+
+
+def build(out_dir: Path, records: int, shards: int, workers: int) -> float:
+    """Write the cache (plan, shards, manifest); returns seconds taken."""
+    urls = [f"synthetic/{s:05d}.tar" for s in range(shards)]
+    ensure_plan(out_dir, stream_plan(urls, Preprocess(32), LATENT_SHAPE, first_stage_hash="synthetic",
+                                     first_stage_config=None, flip=False))
+    counts = [records // shards + int(s < records % shards) for s in range(shards)]
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.starmap(write_shard, [(out_dir, shards, s, counts[s]) for s in range(shards)], chunksize=4)
+    write_manifest_if_complete(out_dir)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--shards", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2, help="processes writing shards")
+    parser.add_argument("--reads", type=int, default=20000, help="random record reads timed after start-up")
+    parser.add_argument("--out", type=Path, default=None, help="cache folder (default: a temporary one, deleted)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / "train"
+        build_s = build(out, args.records, args.shards, args.workers)
+
+        start = time.perf_counter()
+        data = LatentDataset(out)
+        startup_s = time.perf_counter() - start
+        assert len(data) == args.records
+
+        sidecars = [read_json(sidecar_path(out, s)) for s in range(args.shards)]
+        index_bytes = sum(len(json.dumps(s["index"])) for s in sidecars)
+        sidecar_bytes = sum(sidecar_path(out, s).stat().st_size for s in range(args.shards))
+        memory_bytes = sum(getattr(data, name).nbytes for name in ("shard_of", "record_of", "offsets", "json_bytes"))
+        shard_bytes = sum(s["bytes"] for s in data.manifest["shards"])
+
+        picks = np.random.default_rng(0).integers(0, len(data), args.reads)
+        start = time.perf_counter()
+        for i in picks.tolist():
+            data[(0, i)]
+        reads_per_s = args.reads / (time.perf_counter() - start)
+
+    n = args.records
+    print(f"{n} records in {args.shards} shards, latent {list(LATENT_SHAPE)} float16, flip=False; written in "
+          f"{build_s:.0f} s by {args.workers} processes")
+    print(f"reader start-up (LatentDataset(), warm page cache): {startup_s:.2f} s")
+    print(f"index in the sidecars: {index_bytes / n:.1f} bytes/sample (whole sidecars {sidecar_bytes / n:.1f}); "
+          f"in memory {memory_bytes / n:.0f} bytes/sample")
+    print(f"shards on disk: {shard_bytes / n:.0f} bytes/sample")
+    print(f"random record reads, one process: {reads_per_s:.0f} samples/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Tiny reference sets for the eval=reference tests: built-in shapes scenes written as PNG folders."""
+from pathlib import Path
+
+import torch
+
+from ldm.data.shapes import ShapesDataset
+from ldm.utils.images import save_png, to_uint8
+
+
+def shapes_images(n: int, *, resolution: int = 32, num_objects: int = 1, seed: int = 1) -> torch.Tensor:
+    """n shapes scenes [n, 3, H, W] in [-1, 1]."""
+    data = ShapesDataset(size=n, resolution=resolution, num_objects=num_objects, seed=seed)
+    return torch.stack([data[i]["image"] for i in range(n)])
+
+
+def write_folder(images: torch.Tensor, folder: Path) -> Path:
+    """images [N, 3, H, W] in [-1, 1] as 000.png, 001.png, ... (sorted names: every reader sees the same order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_png(to_uint8(image).permute(1, 2, 0), folder / f"{i:03d}.png")
+    return folder
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    path.write_text("".join(f"a small red circle number {i}\n" for i in range(n)), encoding="utf-8")
+    return path
