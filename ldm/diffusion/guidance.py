@@ -86,6 +86,13 @@ class CFGDenoiser:
         self.uncond = uncond
         self.rescale = rescale
         self.interval = interval
+        self._joined: tuple[dict, int, dict] | None = None  # (cond, batch, both concatenated): the same every step
+
+    def _both(self, cond: dict, batch_size: int) -> dict:
+        """cond rows then uncond rows, concatenated once per cond dict rather than at every sampler step."""
+        if self._joined is None or self._joined[0] is not cond or self._joined[1] != batch_size:
+            self._joined = (cond, batch_size, _concat_cond(cond, self.uncond, batch_size))
+        return self._joined[2]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> torch.Tensor:
         if cond is None:
@@ -95,7 +102,7 @@ class CFGDenoiser:
             guide = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
         if not bool(guide.any()):
             return self.denoiser(x, sigma, cond)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), _concat_cond(cond, self.uncond, x.shape[0]))
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), self._both(cond, x.shape[0]))
         cond_pred, uncond_pred = both.chunk(2)
         guided = torch.lerp(uncond_pred, cond_pred, self.scale)  # exact at scale 0 and 1
         if self.rescale > 0:

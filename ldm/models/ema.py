@@ -23,15 +23,27 @@ class EMA(nn.Module):
         self.decay = decay
         self.warmup = warmup
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._count: int | None = None  # num_updates on the host: reading the buffer every step would sync a GPU
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None  # a loaded (resumed) count replaces the host copy
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
-        d = ema_decay(int(self.num_updates), self.decay, self.warmup)
-        for p_ema, p in zip(self.net.parameters(), net.parameters(), strict=True):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - d)
-        for b_ema, b in zip(self.net.buffers(), net.buffers(), strict=True):
-            b_ema.copy_(b)
+        if self._count is None:
+            self._count = int(self.num_updates)  # once per run (and after a load): the only host sync
+        d = ema_decay(self._count, self.decay, self.warmup)
+        shadow, params = list(self.net.parameters()), list(net.parameters())
+        if len(shadow) != len(params):
+            raise ValueError(f"EMA holds {len(shadow)} parameters, the network {len(params)}")
+        # one fused call for all parameters instead of a Python loop of small kernels
+        torch._foreach_lerp_(shadow, [p.detach().to(e.dtype) for e, p in zip(shadow, params)], 1.0 - d)
+        shadow_buffers, buffers = list(self.net.buffers()), list(net.buffers())
+        if shadow_buffers:
+            torch._foreach_copy_(shadow_buffers, buffers)
         self.num_updates += 1
+        self._count += 1
 
     @torch.no_grad()
     def copy_to(self, net: nn.Module) -> None:

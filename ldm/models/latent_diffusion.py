@@ -14,11 +14,6 @@ from ldm.models.fsdp import FSDP2Strategy, shard_with_ema
 from ldm.models.generate import generate_latents
 from ldm.models.optimizer import AdamWSchedule
 from ldm.models.step_seed import step_generator
-from ldm.utils.errors import DivergedError
-
-
-class NonFiniteLossError(DivergedError):
-    """Training stopped on a NaN/inf loss; the last good checkpoint is kept untouched."""
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -113,19 +108,19 @@ class LatentDiffusionModule(L.LightningModule):
         cond = self.conditioner.encode(batch)
         cond = cfg_dropout(cond, self.conditioner.null(x0.shape[0]), self.cfg_dropout_prob, generator=g)
         loss, sigma = denoising_loss(self._train_denoiser[0], x0, cond, self.formulation, generator=g)
-        mean = loss.mean()
-        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(mean).item(), all=False):
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.global_step}; stopped without saving. The last good checkpoint "
-                "is in <run_dir>/checkpoints; lower the lr, enable grad clipping or check the data."
-            )
+        mean = loss.mean()  # a NaN/inf stops the run before backward: callbacks/finite_loss.py
         self.log("train/loss", mean, prog_bar=True, batch_size=len(x0))
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the loggers' steps: no syncs in between
+            self.log_sigma_buckets(loss, sigma)
+        return mean
+
+    def log_sigma_buckets(self, loss: torch.Tensor, sigma: torch.Tensor) -> None:
+        """The loss per noise-level bucket (which noise levels the model still gets wrong)."""
         buckets = sigma_buckets(sigma, self.formulation, self.loss_buckets)
         for b in range(self.loss_buckets):
             picked = buckets == b
             if picked.any():
                 self.log(f"train/loss_sigma_bucket{b}", loss[picked].mean(), batch_size=int(picked.sum()))
-        return mean
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

@@ -45,6 +45,12 @@ class Conditioner(nn.Module):
         return self.encode(batch)
 
 
+def repeat_rows(cond: Cond, batch_size: int) -> Cond:
+    """A one-row condition as a batch: an expanded view, so the null caption is encoded once per call instead of
+    once per sample (gradients of the shared row still sum over the batch)."""
+    return {k: None if v is None else v.expand(batch_size, *v.shape[1:]) for k, v in cond.items()}
+
+
 def _captions(batch: dict) -> list[str]:
     captions = batch.get("caption")
     if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
@@ -132,7 +138,7 @@ class TextTransformerConditioner(Conditioner):
         return self._encode_captions(_captions(batch))
 
     def null(self, batch_size: int) -> Cond:
-        return self._encode_captions([""] * batch_size)
+        return repeat_rows(self._encode_captions([""]), batch_size)
 
 
 def _reachable(host: str, timeout_s: float = 5.0) -> bool:
@@ -245,4 +251,4 @@ class OpenCLIPTextConditioner(Conditioner):
         return self._encode_captions(_captions(batch))
 
     def null(self, batch_size: int) -> Cond:
-        return self._encode_captions([""] * batch_size)
+        return repeat_rows(self._encode_captions([""]), batch_size)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks.configured_hyperparameters import ConfiguredHyperparameters
 from ldm.callbacks.checkpoints import checkpoint_callbacks
+from ldm.callbacks.finite_loss import FiniteLoss
 from ldm.callbacks.run_metrics import RunMetrics
 from ldm.callbacks.slurm_requeue import SlurmRequeue, slurm_job_id
 from ldm.callbacks.startup_summary import StartupSummary
@@ -29,11 +30,13 @@ from ldm.utils.rundir import (
 )
 from ldm.utils.resume_config import check_resume_config, record_changes
 from ldm.utils.run_lock import RunLock
+from ldm.utils.precision import resolve_precision
 from ldm.utils.safe_config import allow_targets, safe_instantiate
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
-    """Trainer from `cfg.trainer` with the run's logger, callbacks, atomic checkpoints and stored config."""
+    """Trainer from `cfg.trainer` with the run's logger, callbacks, atomic checkpoints and stored config;
+    `trainer.precision=auto` measured here (the config keeps "auto", so a resume elsewhere measures again)."""
     run_dir = cfg.paths.run_dir
     checkpoints = checkpoint_callbacks(
         checkpoint_dir(run_dir), cfg.checkpoint_every_n_steps, cfg.checkpoint_every_minutes, cfg.checkpoint_keep_last,
@@ -48,16 +51,23 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
         callbacks += [SlurmRequeue(checkpoint_dir(run_dir) / LAST, slurm_job_id()), StopOnSignal((signal.SIGTERM,))]
     else:
         callbacks.append(StopOnSignal())
+    callbacks.append(FiniteLoss(cfg.get("finite_check_every_n_steps", 1)))
     callbacks.append(RunMetrics(run_dir, every_n_steps=cfg.trainer.log_every_n_steps))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgress(every_n_steps=cfg.trainer.log_every_n_steps))
     callbacks += [safe_instantiate(c, stored=False, where=f"callbacks.{name}")
                   for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
+    env = dist_env()
+    precision, why = resolve_precision(str(cfg.trainer.get("precision", "32-true")), str(cfg.trainer.accelerator),
+                                       env.world_size)
+    if why != "as configured" and env.rank == 0:
+        print(f"[fit] precision     {precision} (trainer.precision=auto: {why})")
     loggers = [safe_instantiate(lg, stored=False, where=f"logger.{name}")
                for name, lg in (cfg.get("logger") or {}).items() if lg is not None]
     return safe_instantiate(
         cfg.trainer, stored=False, where="trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins,
-        default_root_dir=run_dir, _convert_="all",  # plain lists: Lightning 2.4 takes a ListConfig for one plugin
+        default_root_dir=run_dir, precision=precision,
+        _convert_="all",  # plain lists: Lightning 2.4 takes a ListConfig for one plugin
     )
 
 

@@ -9,6 +9,10 @@ class DivergedError(RuntimeError):
     """Training produced non-finite weights or loss; the last good checkpoint was kept (named in the message)."""
 
 
+class NonFiniteLossError(DivergedError):
+    """Training stopped on a NaN/inf loss; the last good checkpoint is kept untouched."""
+
+
 class CorruptDataError(ValueError):
     """A data file or cached record is damaged (named in the message, with the fix); raised when skipping is off."""
 

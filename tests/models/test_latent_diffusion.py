@@ -20,7 +20,8 @@ from ldm.data.latents import LatentDataModule
 from ldm.diffusion.formulations import EDMFormulation, FlowFormulation, VPFormulation
 from ldm.diffusion.loss import denoising_loss
 from ldm.models import latent_diffusion
-from ldm.models.latent_diffusion import LatentDiffusionModule, NonFiniteLossError
+from ldm.models.latent_diffusion import LatentDiffusionModule
+from ldm.utils.errors import DivergedError, NonFiniteLossError
 from ldm.models.optimizer import AdamWSchedule
 from ldm.models.sampling import Sampling
 from ldm.nn.conditioners import ClassConditioner, TextTransformerConditioner, Unconditional
@@ -126,9 +127,12 @@ def test_cfg_dropout_swaps_whole_conditions_for_the_null_one(monkeypatch, p):
     assert fraction == p if p in (0.0, 1.0) else 0.2 < fraction < 0.8
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("every", [1, 4])
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, every):
+    """Checked every step, the NaN loss stops the run at once; checked every 4 steps (no per-step GPU sync), the
+    first checkpoint of NaN weights stops it instead, and last.ckpt is the last good state either way."""
     cfg = compose_run("shapes_txt2img", [
-        f"paths.root_dir={tmp_path}", "name=nan", "model.first_stage=null",
+        f"paths.root_dir={tmp_path}", "name=nan", "model.first_stage=null", f"finite_check_every_n_steps={every}",
         *TINY_TXT2IMG, "callbacks=none", "checkpoint_every_n_steps=1", "trainer.max_steps=10",
     ])
     module = instantiate(cfg.model)
@@ -144,11 +148,12 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
         return output * float("nan")
 
     module.denoiser.net.register_forward_hook(poison)
-    with pytest.raises(NonFiniteLossError, match="step 2"):
+    with pytest.raises(NonFiniteLossError if every == 1 else DivergedError, match="step 2" if every == 1 else "step 3"):
         trainer.fit(module, train_dataloaders=loader(batch_size=8))
     assert last.read_bytes() == before["data"] and last.stat().st_mtime_ns == before["mtime"]
     assert read_checkpoint(last)["global_step"] == 2
-    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step-00000001.ckpt", "step-00000002.ckpt"]
+    names = sorted(p.name for p in last.parent.iterdir() if not p.name.startswith("diverged-"))
+    assert names == ["last.ckpt", "step-00000001.ckpt", "step-00000002.ckpt"]
 
 
 # --- the txt2img run of the shared tiny flow (fit task, cached latents, text conditioner, EMA) ---

@@ -72,3 +72,31 @@ def test_ema_tracks_weights_with_warmup():
     ema.update(net)  # decay 0.1 at the first update: 90% of the way to the new weights
     assert torch.allclose(ema.net.weight, before + 0.9, atol=1e-6)
     assert int(ema.num_updates) == 1 and not any(p.requires_grad for p in ema.net.parameters())
+
+
+def test_ema_counts_on_the_host_and_a_loaded_count_takes_over():
+    """The fused update equals the per-parameter formula, step after step, and a state_dict load (a resume)
+    replaces the host's copy of the update count, so the decay warm-up continues from the loaded step."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(net, decay=0.99)
+    expected = [p.clone() for p in ema.net.parameters()]
+    for n in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].running_mean.add_(1.0)
+        ema.update(net)
+        d = ema_decay(n, 0.99)
+        expected = [e * d + p.detach() * (1 - d) for e, p in zip(expected, net.parameters())]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ema.net.parameters(), expected))
+        assert torch.equal(ema.net[1].running_mean, net[1].running_mean)  # buffers are copied
+    resumed = EMA(net, decay=0.99)
+    resumed.update(net)  # a host count of 1 before the load...
+    resumed.load_state_dict(ema.state_dict())  # ...replaced by the loaded 3
+    before = [p.clone() for p in resumed.net.parameters()]
+    resumed.update(net)
+    d = ema_decay(3, 0.99)
+    assert all(torch.allclose(a, b * d + p.detach() * (1 - d), atol=1e-6)
+               for a, b, p in zip(resumed.net.parameters(), before, net.parameters()))
+    assert int(resumed.num_updates) == 4
