@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo digits test test-fast bench
+.PHONY: venv demo digits rehearsal test test-fast bench
 
 # Creates the environment if missing. The torch pin matches the wheels cached on the project's CI
 # machines; elsewhere pip falls back to the newest torch that pyproject allows (torch>=2.6).
@@ -33,6 +33,11 @@ digits: venv
 	$(BIN)/python main.py +experiment=digits_class2img
 	$(BIN)/python main.py +experiment=digits_class2img task=sample
 	$(BIN)/python main.py +experiment=digits_class2img task=evaluate
+
+# The txt2img path on a CPU, shaped like a cluster run (scripts/rehearsal/run.py): img2dataset shards with bad
+# members, 2-process caching, a 2-rank DDP fit killed and resumed, sample, evaluate. The test suite runs it CI-sized.
+rehearsal: venv
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python scripts/rehearsal/run.py --size full
 
 test: venv
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests

@@ -27,13 +27,17 @@ from ldm.data.latent_cache.writer import ShardWriter
 from ldm.data.preprocess import Preprocess
 
 LATENT_SHAPE = (4, 4, 4)
+SD_LATENT_SHAPE = (4, 32, 32)  # 256 px through an f=8, 4-channel first stage, as txt2img trains
+# The demand of one GPU training the SD2-size UNet: 342.7 images/s on an H200 in bf16 (benchmarks/RESULTS.md,
+# `python benchmarks/bench_backbones.py`, 2026-12-04).
+SD_STEP_IMAGES_PER_S = 342.7
 
 
-def write_shard(out_dir: Path, num_shards: int, shard: int, count: int) -> None:
+def write_shard(out_dir: Path, num_shards: int, shard: int, count: int, shape: tuple[int, ...] = LATENT_SHAPE) -> None:
     """One shard of `count` random float16 posteriors, as the stream cache writes them."""
     layout, rng = stream_layout(num_shards), np.random.default_rng(shard)
-    mean = rng.standard_normal((count, *LATENT_SHAPE)).astype(np.float16)
-    std = np.abs(rng.standard_normal((count, *LATENT_SHAPE))).astype(np.float16)
+    mean = rng.standard_normal((count, *shape)).astype(np.float16)
+    std = np.abs(rng.standard_normal((count, *shape))).astype(np.float16)
     claim = try_claim(out_dir, shard, stale_after_s=600)
     writer = ShardWriter(out_dir, layout, claim, flip=False)
     for j in range(count):
@@ -45,17 +49,26 @@ def write_shard(out_dir: Path, num_shards: int, shard: int, count: int) -> None:
     claim.release(shard_complete=True)
 
 
-def build(out_dir: Path, records: int, shards: int, workers: int) -> float:
+def build(out_dir: Path, records: int, shards: int, workers: int, shape: tuple[int, ...] = LATENT_SHAPE) -> float:
     """Write the cache (plan, shards, manifest); returns seconds taken."""
     urls = [f"synthetic/{s:05d}.tar" for s in range(shards)]
-    ensure_plan(out_dir, stream_plan(urls, Preprocess(32), LATENT_SHAPE, first_stage_hash="synthetic",
+    ensure_plan(out_dir, stream_plan(urls, Preprocess(32), shape, first_stage_hash="synthetic",
                                      first_stage_config=None, flip=False))
     counts = [records // shards + int(s < records % shards) for s in range(shards)]
     start = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pool.starmap(write_shard, [(out_dir, shards, s, counts[s]) for s in range(shards)], chunksize=4)
+        pool.starmap(write_shard, [(out_dir, shards, s, counts[s], shape) for s in range(shards)], chunksize=4)
     write_manifest_if_complete(out_dir)
     return time.perf_counter() - start
+
+
+def random_reads(data: LatentDataset, reads: int) -> float:
+    """Samples per second of `reads` random items (epoch 0), one process."""
+    picks = np.random.default_rng(0).integers(0, len(data), reads)
+    start = time.perf_counter()
+    for i in picks.tolist():
+        data[(0, i)]
+    return reads / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -82,11 +95,9 @@ def main() -> None:
         memory_bytes = sum(getattr(data, name).nbytes for name in ("shard_of", "record_of", "offsets", "json_bytes"))
         shard_bytes = sum(s["bytes"] for s in data.manifest["shards"])
 
-        picks = np.random.default_rng(0).integers(0, len(data), args.reads)
-        start = time.perf_counter()
-        for i in picks.tolist():
-            data[(0, i)]
-        reads_per_s = args.reads / (time.perf_counter() - start)
+        reads_per_s = random_reads(data, args.reads)
+        build(Path(tmp) / "sd", 2048, 4, args.workers, SD_LATENT_SHAPE)  # SD-size records for the demand figure
+        sd_reads_per_s = random_reads(LatentDataset(Path(tmp) / "sd"), 2000)
 
     n = args.records
     print(f"{n} records in {args.shards} shards, latent {list(LATENT_SHAPE)} float16, flip=False; written in "
@@ -96,6 +107,9 @@ def main() -> None:
           f"in memory {memory_bytes / n:.0f} bytes/sample")
     print(f"shards on disk: {shard_bytes / n:.0f} bytes/sample")
     print(f"random record reads, one process: {reads_per_s:.0f} samples/s")
+    print(f"SD-size records {list(SD_LATENT_SHAPE)}, random reads (posterior draw included), one process: "
+          f"{sd_reads_per_s:.0f} samples/s = {sd_reads_per_s / SD_STEP_IMAGES_PER_S:.1f}x the {SD_STEP_IMAGES_PER_S} "
+          f"images/s one H200 trains the SD2 UNet at; k DataLoader workers per GPU give about k times that")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+from tiny_sizes import QUIET, ROOT, TINY_AE, TINY_CACHE, TINY_LDM, TINY_TEXT, TINY_TXT2IMG, TINY_UNET  # noqa: F401
+
 CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
@@ -30,25 +31,7 @@ def compose_cfg():
 
 # --- tiny end-to-end runs shared by the latent-diffusion, sample and resume tests ---------------------------
 
-QUIET = ["+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-# f = 2 KL autoencoder on 16 px shapes: latents [4, 8, 8], as shapes_txt2img expects
-TINY_AE = [
-    "data.resolution=16", "model.net.ch=8", "model.net.ch_mult=[1,2]", "data.train.size=64", "data.val.size=16",
-    "data.batch_size=8", "data.num_workers=0", "trainer.limit_val_batches=1", *QUIET,
-]
-TINY_CACHE = ["task=cache_latents", "data.resolution=16", "model.net.ch=8", "model.net.ch_mult=[1,2]",
-              "data.train.size=64", "data.val.size=16", "task.num_workers=0", "task.progress=false"]
-TINY_UNET = ["model.backbone.model_channels=32", "model.backbone.channel_mult=[1,2]",
-             "model.backbone.attention_resolutions=[2]"]
-TINY_TEXT = ["model.conditioner.width=32", "model.conditioner.layers=1", "model.conditioner.heads=2"]
-# shapes_txt2img without the backbone and conditioner sizes (for swapping those)
-TINY_LDM = [
-    "model.optimizer.warmup_steps=0", "model.optimizer.lr=1e-3", "data.batch_size=8", "data.num_workers=0",
-    "trainer.limit_val_batches=1", "sampling.steps=2", "sampling.prompts=[a red circle]", "sampling.seeds=[0,1]",
-    "~callbacks.periodic_eval",  # its suite renders 32 px scenes; tests/test_evaluate.py runs it at 16 px
-    *QUIET,
-]
-TINY_TXT2IMG = [*TINY_UNET, *TINY_TEXT, *TINY_LDM]
+# the sizes live in tiny_sizes.py (imported by launched processes too); re-exported here for the tests
 
 
 def compose_run(name: str, overrides: list[str] = ()):

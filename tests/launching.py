@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from conftest import ROOT, TINY_TXT2IMG
+from tiny_sizes import ROOT, TINY_TXT2IMG
 
 TIMEOUT = 300  # seconds for any one launch: nothing may hang CI
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",

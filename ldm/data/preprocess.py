@@ -63,9 +63,10 @@ def size_filter(width: int, height: int, pre: Preprocess) -> tuple[str, str] | N
     return None
 
 
-def prepare_sample(sample: dict, pre: Preprocess) -> dict:
+def prepare_sample(sample: dict, pre: Preprocess, crop: str = "center") -> dict:
     """One tar sample -> {"pixels": uint8 [H,W,3], "meta": {...}} or a skip marker. The meta keeps the key, caption,
     label, original size (w, h) and crop box (left, top, right, bottom) in original pixels, for size/crop conditioning.
+    The cache crops the centre; training straight from the tars may crop at random (`crop`, the box is recorded).
 
     Pixels stay uint8 (no torch here): this runs in worker processes, and a quarter of the bytes travel back.
     """
@@ -94,7 +95,7 @@ def prepare_sample(sample: dict, pre: Preprocess) -> dict:
     width, height = img.size  # after EXIF orientation: the image as seen
     if (rejected := size_filter(width, height, pre)) is not None:
         return skipped_item(key, *rejected)
-    box = square_crop_box(width, height, "center")
+    box = square_crop_box(width, height, crop)
     meta = {"key": key, "caption": caption or "", "label": label, "original_size": [width, height],
             "crop_box": list(box)}
     return {"pixels": np.asarray(crop_and_resize(img, box, pre.resolution)), "meta": meta}

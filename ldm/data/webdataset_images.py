@@ -28,10 +28,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import url_opener
 
-from ldm.data.preprocess import IMAGE_EXTENSIONS, Preprocess, caption_of, size_filter
-from ldm.data.skips import SkipCounter
+from ldm.data.preprocess import Preprocess, prepare_sample
+from ldm.data.skips import SkipCounter, is_skipped
 from ldm.data.tar_samples import tar_samples
-from ldm.data.transforms import CROPS, load_rgb, prepare_image
+from ldm.data.transforms import CROPS, uint8_to_tensor
 from ldm.utils.dist_env import dist_env
 
 log = logging.getLogger(__name__)
@@ -170,30 +170,21 @@ class WebImageDataset(IterableDataset):
         return True  # keep going with the next file or shard
 
     def _to_item(self, sample: dict) -> dict | None:
-        """Decode one grouped tar sample; a bad one is counted and dropped (webdataset handlers skip no map stage)."""
-        key = sample.get("__key__", "?")
+        """Decode one grouped tar sample as the cache does (prepare_sample); a bad one is counted and dropped."""
         if "__error__" in sample:  # a truncated shard: its last sample is counted, then the shard itself
-            self.skipped.add(f"{sample.get('__url__')}:{key}", "truncated tar member")
             self.read_errors.add(sample.get("__url__"), sample["__error__"])
+        prepared = prepare_sample(sample, self.preprocess, self.crop)
+        if is_skipped(prepared):
+            self.skipped.add(f"{sample.get('__url__')}:{prepared['key']}", f"{prepared['skip']}: {prepared['message']}")
             return None
-        try:
-            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-            if ext is None:
-                raise ValueError(f"no image among {sorted(k for k in sample if not k.startswith('__'))}")
-            caption = caption_of(sample)
-            if not caption and self.preprocess.empty_caption == "skip":
-                raise ValueError("missing caption" if caption is None else "empty caption")
-            img = load_rgb(sample[ext])
-            if (rejected := size_filter(img.width, img.height, self.preprocess)) is not None:
-                raise ValueError(": ".join(rejected))
-            image = prepare_image(img, self.resolution, self.crop, self.flip)
-            caption = caption or ""
-            label = int(sample["cls"].decode("utf-8")) if "cls" in sample else -1
-        except Exception as err:
-            self.skipped.add(f"{sample.get('__url__')}:{key}", err)
-            return None
+        pixels, meta = prepared["pixels"], prepared["meta"]
+        if self.flip and bool(torch.rand(()) < 0.5):
+            pixels = pixels[:, ::-1]  # [H,W,3]: mirror the width axis
         self._draws_since_item = 0
-        return {"image": image, "caption": caption, "label": label, "key": key}
+        # the cache's record fields, so size/crop conditioning reads the same keys from either source
+        return {"image": uint8_to_tensor(pixels), "caption": meta["caption"], "label": meta["label"],
+                "key": meta["key"], "original_size": torch.tensor(meta["original_size"]),
+                "crop_box": torch.tensor(meta["crop_box"])}
 
     def _pass_epoch(self) -> int:
         """The epoch of the pass starting now: the last set_epoch value plus the passes this process began since."""

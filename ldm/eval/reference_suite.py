@@ -50,6 +50,7 @@ class ReferenceSuite:
     """
 
     name = "reference"
+    fid_metric, alignment_metric = "fid", "clip_score"  # the axes of task=evaluate's sweep plots
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ class ShapesSuite:
     """Attribute accuracy (direct measurement) against the prompts, plus FID in the shapes feature net's space."""
 
     name = "shapes"
+    fid_metric, alignment_metric = "fid_shapes", "acc_binding"  # the axes of task=evaluate's sweep plots
 
     def __init__(self, num_samples: int = 500, resolution: int = 32, num_objects: int = 1, seed: int = 7,
                  feature_weights: str = "data/eval/shapes_features.pt"):
@@ -75,6 +76,7 @@ class DigitsSuite:
     """Class accuracy of class-conditional samples by a classifier trained on real digits, and FID in its features."""
 
     name = "digits"
+    fid_metric, alignment_metric = "fid_digits", "acc_class"  # the axes of task=evaluate's sweep plots
 
     def __init__(self, num_samples: int = 500, resolution: int = 32, seed: int = 7,
                  classifier_weights: str = "data/eval/digits_classifier.pt", val_fraction: float = 0.1,

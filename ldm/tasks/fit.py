@@ -58,7 +58,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
     callbacks += [safe_instantiate(c, stored=False, where=f"callbacks.{name}")
                   for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     env = dist_env()
-    precision, why = resolve_precision(str(cfg.trainer.get("precision", "32-true")), str(cfg.trainer.accelerator),
+    precision, why = resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.accelerator),
                                        env.world_size)
     if why != "as configured" and env.rank == 0:
         print(f"[fit] precision     {precision} (trainer.precision=auto: {why})")

@@ -64,8 +64,9 @@ def cpu_name() -> str:
         return platform.machine()
 
 
-def resolve_precision(precision: str, accelerator: str, world_size: int = 1) -> tuple[str, str]:
-    """(Lightning precision, why) for `trainer.precision`; anything but "auto" passes through unchanged."""
+def resolve_precision(precision: str | int, accelerator: str, world_size: int = 1) -> tuple[str | int, str]:
+    """(Lightning precision, why) for `trainer.precision`; anything but "auto" passes through unchanged (Lightning
+    judges it, with its own message)."""
     if precision != AUTO:
         return precision, "as configured"
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():

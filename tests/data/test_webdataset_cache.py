@@ -298,3 +298,47 @@ def test_pipe_urls_give_the_same_shards_and_a_failing_pipe_stops(reference, firs
     with pytest.raises(OSError, match="exit 1"):
         cache(first_stage, [f"pipe:cat {tmp_path / 'absent.tar'}"], tmp_path / "failed")
     assert not list((tmp_path / "failed").glob("shard-*")) and not list((tmp_path / "failed" / "claims").iterdir())
+
+
+def _epoch_keys(loader, epoch: int, stop: int | None = None) -> list[tuple[str, torch.Tensor]]:
+    """(key, latent) of the loader's batches of `epoch` (batch size 1), the first `stop` of them when given."""
+    loader.sampler.set_epoch(epoch)
+    got = []
+    for batch in loader:
+        got.append((batch["key"][0], batch["latent"][0]))
+        if len(got) == stop:
+            break
+    return got
+
+
+def test_stream_cache_reader_balances_ranks_and_resumes_across_worker_counts(reference):
+    """Issue 14 item 6 on a cache of tar shards: equal counts per rank, a seeded order per epoch, and a position that
+    resumes exactly after a kill even with another number of DataLoader workers (the position counts batches
+    consumed, not what workers prefetched)."""
+    from ldm.data.latents import LatentSampler, ResumableDataLoader
+    from ldm.data.skips import collate_kept
+
+    data = LatentDataset(reference, seed=1)
+
+    def loader(rank: int, workers: int) -> ResumableDataLoader:
+        return ResumableDataLoader(data, 1, sampler=LatentSampler(data, rank, 2, seed=1), drop_last=True,
+                                   num_workers=workers, collate_fn=collate_kept)
+
+    epochs = [[_epoch_keys(loader(rank, 0), epoch) for rank in range(2)] for epoch in range(2)]
+    for ranks in epochs:  # 7 records, padded to 8 by wrapping around: 4 per rank, every record in the epoch
+        assert [len(r) for r in ranks] == [4, 4]
+        assert len({k for r in ranks for k, _ in r}) == 7
+    assert [k for k, _ in epochs[0][0]] != [k for k, _ in epochs[1][0]] or [k for k, _ in epochs[0][1]] != [
+        k for k, _ in epochs[1][1]]  # a new order each epoch
+    assert [k for k, _ in _epoch_keys(loader(0, 0), 1)] == [k for k, _ in epochs[1][0]]  # from the seed alone
+
+    for rank in range(2):  # killed after 2 batches read by 2 workers, resumed on the main process
+        first = loader(rank, 2)
+        done = _epoch_keys(first, 1, stop=2)
+        state = json.loads(json.dumps(first.state_dict()))  # what the checkpoint stores
+        assert state["position"] == 2 * 2 and state["epoch"] == 1
+        resumed = loader(rank, 0)
+        resumed.load_state_dict(state)
+        rest = _epoch_keys(resumed, 1)
+        assert [k for k, _ in done + rest] == [k for k, _ in epochs[1][rank]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(done + rest, epochs[1][rank]))  # same posterior draws

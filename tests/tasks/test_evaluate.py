@@ -74,6 +74,8 @@ def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_f
     monkeypatch.setattr(evaluate, "load_module", lambda *a, **k: pytest.fail("samples were regenerated"))
     again = evaluate.run(eval_cfg)
     assert [r["acc_shape"] for r in again] == [r["acc_shape"] for r in rows]
+    # scored as stored (8-bit) the first time too: the same FID, not one from float images and one from 8-bit
+    assert [r["fid_shapes"] for r in again] == [r["fid_shapes"] for r in rows]
     assert torch.isfinite(torch.tensor([r["fid_shapes"] for r in again])).all()
 
 

@@ -23,7 +23,7 @@ TASKS = {
     "shapes_txt2img": ("fit", "sample", "evaluate"),
     "shapes_txt2img_dit": ("fit", "sample", "evaluate"),
     "digits_class2img": ("fit", "sample", "evaluate"),
-    "txt2img": ("fit", "sample"),
+    "txt2img": ("fit", "sample", "evaluate"),
 }
 FIT_STEPS = 2
 TINY_DIGITS_AE = ["model.net.ch=8", *QUIET, "trainer.limit_val_batches=1"]  # 32 px, f = 4: latents [4, 8, 8]
@@ -57,13 +57,15 @@ def image_folder(root) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(root, image_folder, shapes_feature_weights, tiny_clip, tmp_path_factory):
+def runs(root, image_folder, shapes_feature_weights, tiny_clip, inception_weights_file, tmp_path_factory):
     """run(experiment, task, *overrides) with this module's root dir and each experiment's tiny sizes."""
     from ldm.nn.conditioners import OpenCLIPTextConditioner
 
     tower = tmp_path_factory.mktemp("open_clip") / "text.pt"  # local weights, as model.conditioner.pretrained takes
     torch.save(OpenCLIPTextConditioner(model_name=tiny_clip, pretrained=None).model.state_dict(), tower)
     digits_classifier = tmp_path_factory.mktemp("eval") / "digits_classifier.pt"
+    captions = tmp_path_factory.mktemp("eval") / "captions.txt"  # the image folder's captions: txt2img's reference set
+    captions.write_text("".join((image_folder / f"{i}.txt").read_text() + "\n" for i in range(8)))
     tiny = {
         "shapes_autoencoder": TINY_AE,
         "digits_autoencoder": TINY_DIGITS_AE,
@@ -73,7 +75,12 @@ def runs(root, image_folder, shapes_feature_weights, tiny_clip, tmp_path_factory
         "digits_class2img": [*TINY_UNET, "model.conditioner.dim=32", "sampling.prompts=null", f"eval.classifier_weights={digits_classifier}"],
         "txt2img": [*TINY_UNET, "model.backbone.head_dim=16", "model.backbone.context_dim=32",
                     f"model.conditioner.model_name={tiny_clip}", f"model.conditioner.pretrained={tower}",
-                    "model.latent_shape=[4,4,4]", "trainer=cpu", "data.flip=false"],
+                    "model.latent_shape=[4,4,4]", "trainer=cpu", "data.flip=false",
+                    # the reference suite's keys a user fills in, here with local stand-ins; n above pr_k = 3
+                    f"eval.prompts_file={captions}", f"eval.reference_dir={image_folder}", "eval.resolution=32",
+                    f"eval.inception.weights_path={inception_weights_file}", f"eval.clip.model_name={tiny_clip}",
+                    "eval.clip.pretrained=null", f"eval.stats_dir={root / 'reference_stats'}", "eval.kid_subsets=5",
+                    "eval.is_splits=2", "eval.num_samples=4", "callbacks.periodic_eval.num_samples=4"],
     }
     # TINY_LDM drops the periodic evaluation and the progress bar: keep both, as users run them (small)
     ldm_fit = [o for o in TINY_LDM if "periodic_eval" not in o and "enable_progress_bar" not in o]
@@ -98,7 +105,7 @@ def runs(root, image_folder, shapes_feature_weights, tiny_clip, tmp_path_factory
 
 
 LATENT_DIFFUSION = ("shapes_txt2img", "shapes_txt2img_dit", "digits_class2img", "txt2img")
-WITH_PERIODIC_EVAL = ("shapes_txt2img", "shapes_txt2img_dit", "digits_class2img")
+WITH_PERIODIC_EVAL = ("shapes_txt2img", "shapes_txt2img_dit", "digits_class2img", "txt2img")
 FIRST_STAGE = {"shapes_txt2img": "shapes_autoencoder", "shapes_txt2img_dit": "shapes_autoencoder",
                "digits_class2img": "digits_autoencoder", "txt2img": "autoencoder_kl_f8"}
 
@@ -142,7 +149,7 @@ def test_latent_diffusion_experiment_fits_samples_and_evaluates(name, root, runs
     _check_fit(runs(name, "fit"), run_dir)
     if name in WITH_PERIODIC_EVAL:  # eval during training ran the experiment's own suite
         during = (run_dir / "eval" / "during_training.csv").read_text().splitlines()
-        assert len(during) == 1 + FIT_STEPS and "acc_" in during[0]
+        assert len(during) == 1 + FIT_STEPS and ("clip_score" if name == "txt2img" else "acc_") in during[0]
 
     out_dir = runs(name, "sample")
     records = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
@@ -155,9 +162,9 @@ def test_latent_diffusion_experiment_fits_samples_and_evaluates(name, root, runs
         rows = runs(name, "evaluate")
         [row] = rows
         accuracies = {k: v for k, v in row.items() if k.startswith("acc_")}
-        expected = {"acc_class"} if name == "digits_class2img" else {"acc_color", "acc_shape", "acc_size",
-                                                                      "acc_position"}
-        assert expected <= set(accuracies) and all(0.0 <= v <= 1.0 for v in accuracies.values())
+        expected = {"digits_class2img": {"acc_class"}, "txt2img": {"fid", "kid", "precision", "recall", "clip_score"}
+                    }.get(name, {"acc_color", "acc_shape", "acc_size", "acc_position"})
+        assert expected <= set(row) and all(0.0 <= v <= 1.0 for v in accuracies.values())
         assert row["step"] == FIT_STEPS and (run_dir / "eval" / "metrics.json").is_file()
 
 
@@ -167,3 +174,26 @@ def test_digits_class2img_uses_the_digits_suite_alone():
     assert cfg.eval._target_ == "ldm.eval.suites.DigitsSuite" and "num_objects" not in cfg.eval
     assert cfg.callbacks.periodic_eval.suite._target_ == "ldm.eval.suites.DigitsSuite"
     assert compose_run("shapes_txt2img").eval._target_ == "ldm.eval.suites.ShapesSuite"
+
+
+def test_txt2img_composes_without_its_reference_set_and_evaluating_names_the_missing_key(tmp_path,
+                                                                                        inception_weights_file):
+    """The reference suite's files are the user's to fill in: only a run that evaluates reads them."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from ldm.tasks import evaluate
+    from ldm.utils import cli
+
+    cfg = compose_run("txt2img", [f"paths.root_dir={tmp_path}", "task=evaluate"])
+    assert cfg.eval._target_ == "ldm.eval.reference_suite.ReferenceSuite"
+    assert cfg.callbacks.periodic_eval.num_samples < cfg.eval.num_samples  # the small n while training
+    with pytest.raises(MissingMandatoryValue, match="eval.prompts_file"):
+        evaluate.run(cfg)
+    cfg = compose_run("txt2img", [
+        f"paths.root_dir={tmp_path}", "task=evaluate", "eval.prompts_file=/no/prompts.txt",
+        "eval.reference_dir=/no/images", f"eval.inception.weights_path={inception_weights_file}", "eval.clip=null"])
+    with pytest.raises(Exception) as raised:  # Hydra wraps it; main.py prints the clear cause as one line
+        evaluate.run(cfg)
+    line = cli.task_error_line(raised.value, cli.clear_cause(raised.value, (FileNotFoundError,)))
+    assert line.startswith("prompts file not found: '/no/prompts.txt'. Set the config key `eval.prompts_file`")
+    assert "\n" not in line
