@@ -1,6 +1,7 @@
 """Inception-v3 features for FID/KID/IS/precision-recall, the network and preprocessing of torch-fidelity."""
 import hashlib
 import pickle
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -60,18 +61,21 @@ class InceptionFeatures(nn.Module):
     def __init__(self, *, weights_path: str | None = None, antialias: bool = False):
         super().__init__()
         path = inception_weights(weights_path)
-        # torch-fidelity unpickles the file with weights_only=False: accept only a file that plain tensors load from
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
+        try:  # the only read of the user's file: plain tensors, no code
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # foreign objects; a damaged file
             raise ConfigError(f"{path!r} is not an Inception-v3 state dict of plain tensors ({type(e).__name__}); "
                               f"check the config key `{WEIGHTS_KEY}`") from e
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048", "logits_unbiased"],
-            feature_extractor_weights_path=path,
-            antialias=antialias,
-        )
+        # torch-fidelity unpickles any file it is given with full pickle: hand it one we wrote from those tensors
+        with tempfile.TemporaryDirectory() as tmp:
+            own = Path(tmp) / "inception.pth"
+            torch.save(state, own)
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048", "logits_unbiased"],
+                feature_extractor_weights_path=str(own),
+                antialias=antialias,
+            )
         self.resize = RESIZE[antialias]
         self.name = f"inception-v3-2048-{weights_hash(self.net)}"  # the weights decide the features, not the path
 

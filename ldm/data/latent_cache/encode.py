@@ -41,6 +41,21 @@ class CacheResult:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
 
+def finish(counts: dict, seconds: float, out_dir: Path) -> CacheResult:
+    """Wait for every rank's shards, then write the manifest if all are done (any process may) and report."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return CacheResult(
+        encoded=counts["encoded"],
+        skipped=counts["skipped"],
+        shards_written=counts["written"],
+        shards_found_complete=counts["found_complete"],
+        shards_left_to_others=counts["left_to_others"],
+        seconds=seconds,
+        manifest=write_manifest_if_complete(out_dir),
+    )
+
+
 def _progress(enabled: bool) -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     return Progress(*columns, disable=not enabled)
@@ -167,14 +182,4 @@ def cache_latents(
         _write_shards(loader, first_stage, device, flip, claimer)
     seconds = time.perf_counter() - start
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank's shards are done; any process may now write the manifest
-    return CacheResult(
-        encoded=counts["encoded"],
-        skipped=counts["skipped"],
-        shards_written=counts["written"],
-        shards_found_complete=counts["found_complete"],
-        shards_left_to_others=counts["left_to_others"],
-        seconds=seconds,
-        manifest=write_manifest_if_complete(out_dir),
-    )
+    return finish(counts, seconds, out_dir)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ldm.data.latent_cache.encode import CacheResult, ShardClaimer, encode_moments
+from ldm.data.latent_cache.encode import CacheResult, ShardClaimer, encode_moments, finish
 from ldm.data.latent_cache.format import STREAM_SHARD_SLOTS, stream_layout
 from ldm.data.tar_samples import open_shard, tar_samples
-from ldm.data.latent_cache.manifest import ensure_plan, new_plan, write_manifest_if_complete
+from ldm.data.latent_cache.manifest import ensure_plan, new_plan
 from ldm.data.latent_cache.writer import ShardWriter
 from ldm.data.preprocess import Preprocess, prepare_sample
 from ldm.data.transforms import uint8_to_tensor
@@ -168,14 +168,4 @@ def cache_stream_latents(
         if pool is not None:
             pool.terminate()
     seconds = time.perf_counter() - start
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank's shards are done; any process may now write the manifest
-    return CacheResult(
-        encoded=counts["encoded"],
-        skipped=counts["skipped"],
-        shards_written=counts["written"],
-        shards_found_complete=counts["found_complete"],
-        shards_left_to_others=counts["left_to_others"],
-        seconds=seconds,
-        manifest=write_manifest_if_complete(out_dir),
-    )
+    return finish(counts, seconds, out_dir)
