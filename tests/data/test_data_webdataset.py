@@ -2,7 +2,6 @@
 
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from key_recorder import KeyRecorder
 from ldm.data.datamodule import ImageDataModule
 from ldm.data.stream_loader import StreamLoader
 from ldm.data.webdataset_images import WebImageDataset
+from shard_fixtures import write_shard
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -29,16 +29,6 @@ def encode(fmt: str, value: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((12, 20, 3), value, np.uint8)).save(buffer, fmt)
     return buffer.getvalue()
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """img2dataset layout: {key}.txt, {key}.json, then the image (so a truncated image leaves a partial sample)."""
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def sample(key: str, image_ext: str | None = "jpg", image: bytes | None = None) -> tuple[str, dict]:

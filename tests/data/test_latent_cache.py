@@ -34,6 +34,7 @@ from ldm.tasks import cache_latents as task
 from ldm.tasks.fit import check_latent_cache
 from ldm.utils.errors import ConfigError
 from ldm.utils.safe_config import safe_instantiate
+from shard_fixtures import FailingEncoder
 
 ROOT = Path(__file__).resolve().parents[2]
 RESOLUTION = 16
@@ -233,20 +234,6 @@ def test_corrupt_inputs_skipped_and_counted(first_stage, shapes, tmp_path):
     assert sorted(e["index"] for e in manifest["skipped"]["examples"]) == [3, 7, 9]
     keys = {item["key"] for item in LatentDataset(tmp_path / "c")}
     assert len(keys) == 17 and not keys & {f"shapes-0-{i:07d}" for i in (3, 7, 9)}
-
-
-class FailingEncoder(torch.nn.Module):
-    """The first stage, but encode() dies on its n-th call: a crash in the middle of a shard."""
-
-    def __init__(self, first_stage, fail_on_call: int):
-        super().__init__()
-        self.first_stage, self.calls, self.fail_on_call = first_stage, 0, fail_on_call
-
-    def encode(self, x):
-        self.calls += 1
-        if self.calls == self.fail_on_call:
-            raise RuntimeError("simulated crash")
-        return self.first_stage.encode(x)
 
 
 def test_crash_then_rerun_completes_without_duplicates(first_stage, shapes, cache, tmp_path):

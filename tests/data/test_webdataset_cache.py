@@ -27,6 +27,7 @@ from ldm.data.latent_cache.stream import cache_stream_latents
 from ldm.data.preprocess import Preprocess, prepare_sample
 from ldm.data.transforms import uint8_to_tensor
 from ldm.utils.safe_config import safe_instantiate
+from shard_fixtures import FailingEncoder, write_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 RESOLUTION = 16
@@ -46,19 +47,6 @@ def sample(key: str, img: bytes, ext: str = "jpg", caption: str | None = "a capt
     """img2dataset's members: {key}.jpg, {key}.txt (absent: missing caption), {key}.json."""
     files = {ext: img, **({"txt": f"{caption} {key}".encode()} if caption is not None else {})}
     return key, {**files, "json": json.dumps({"key": key, "url": f"http://x/{key}"}).encode()}
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], cut_last: bool = False) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    if cut_last:  # a transfer that stopped early, inside the last member
-        with tarfile.open(path) as tar:
-            last = tar.getmembers()[-1]
-        path.write_bytes(path.read_bytes()[: last.offset_data + last.size // 2])
 
 
 # (shard, key) -> why it is skipped; every other sample is cached
@@ -164,20 +152,6 @@ def test_reader_index_from_sidecar_equals_tar_scan(reference, tmp_path):
         np.testing.assert_array_equal(getattr(new, name), getattr(scanned, name))
     assert new.fixed_bytes == scanned.fixed_bytes
     assert [new[(1, i)]["key"] for i in range(7)] == [scanned[(1, i)]["key"] for i in range(7)]
-
-
-class FailingEncoder(torch.nn.Module):
-    """The first stage, but encode() dies on its n-th call: a crash in the middle of a shard."""
-
-    def __init__(self, first_stage, fail_on_call: int):
-        super().__init__()
-        self.first_stage, self.calls, self.fail_on_call = first_stage, 0, fail_on_call
-
-    def encode(self, x):
-        self.calls += 1
-        if self.calls == self.fail_on_call:
-            raise RuntimeError("simulated crash")
-        return self.first_stage.encode(x)
 
 
 def test_crash_then_rerun_with_workers_is_byte_identical(reference, first_stage, shards, tmp_path):
