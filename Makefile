@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo digits rehearsal test test-fast bench
+.PHONY: venv demo digits image-tasks rehearsal test test-fast bench
 
 # Creates the environment if missing. The torch pin matches the wheels cached on the project's CI
 # machines; elsewhere pip falls back to the newest torch that pyproject allows (torch>=2.6).
@@ -33,6 +33,14 @@ digits: venv
 	$(BIN)/python main.py +experiment=digits_class2img
 	$(BIN)/python main.py +experiment=digits_class2img task=sample
 	$(BIN)/python main.py +experiment=digits_class2img task=evaluate
+
+# Inpainting, 4x super-resolution and layout-to-image on the shapes, each scored against its trivial baseline
+# (blurred fill, bicubic, an all-black image): eval/image_task.json and image_task.png in each run directory.
+image-tasks: venv
+	$(BIN)/python main.py +experiment=shapes_autoencoder
+	for task in shapes_sr shapes_layout shapes_inpaint; do \
+		$(BIN)/python main.py +experiment=$$task && $(BIN)/python scripts/image_tasks.py experiments/$$task || exit 1; \
+	done
 
 # The txt2img path on a CPU, shaped like a cluster run (scripts/rehearsal/run.py): img2dataset shards with bad
 # members, 2-process caching, a 2-rank DDP fit killed and resumed, sample, evaluate. The test suite runs it CI-sized.

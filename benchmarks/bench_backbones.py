@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.callbacks.throughput import bf16_peak_flops
 from ldm.utils.safe_config import safe_instantiate
 
 BACKBONES = Path(__file__).resolve().parents[1] / "configs" / "model" / "backbone"
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 CONTEXT = (77, 1024)  # OpenCLIP ViT-H/14 penultimate tokens
 TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [2], "head_dim": 16}
 TINY_DIT = {"hidden_size": 64, "depth": 2, "num_heads": 2}
@@ -53,6 +53,10 @@ def diffusers_unet(tiny: bool) -> torch.nn.Module:
     )
 
 
+REGIONS = ("DiTBlock", "ResBlock", "SpatialTransformer",  # ours
+           "BasicTransformerBlock", "ResnetBlock2D")        # diffusers'
+
+
 class Step:
     """One training step of `net` on fixed random inputs; `forward` adapts the call to each model's signature."""
 
@@ -66,7 +70,14 @@ class Step:
         self.t = torch.rand(batch, generator=g).to(device)
         self.context = torch.randn(batch, *CONTEXT, generator=g).to(device)
         self.y = torch.randn(batch, getattr(net, "y_dim", None) or 1, generator=g).to(device)
-        self.forward = torch.compile(self._forward) if compile else self._forward
+        self.forward = self._forward
+        if compile == "regional":  # each repeated block compiled on its own: compile time of a block, not a model
+            torch._dynamo.config.cache_size_limit = 64  # one graph per block shape (the UNet has ~10)
+            for module in self.net.modules():
+                if type(module).__name__ in REGIONS:
+                    module.compile()
+        elif compile:
+            self.forward = torch.compile(self._forward)
 
     def _forward(self) -> torch.Tensor:
         if self.name == "diffusers_unet":
@@ -113,6 +124,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
+    parser.add_argument("--regional", action="store_true",
+                        help="with --compile: compile each block (DiT block, ResBlock, transformer) instead of the model")
     parser.add_argument("--sdpa", nargs="+", default=["default"], choices=["default", "math"],
                         help="attention kernels: default (flash / memory-efficient) and/or math")
     parser.add_argument("--tiny", action="store_true", help="tiny models: check the script on a CPU")
@@ -120,7 +133,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch_size or (64 if device.type == "cuda" else 2)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = next((t * 1e12 for k, t in PEAK_BF16_TFLOPS.items() if k in card), None)
+    peak = bf16_peak_flops(card)
     print(f"{card}, torch {torch.__version__}, batch {batch}, latents [4, 32, 32], "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {args.steps} timed steps after {args.warmup}")
     print(f"{'model':16s} {'params':>8s} {'compile':>7s} {'sdpa':>7s} {'ms/step':>8s} {'images/s':>9s} "
@@ -129,7 +142,7 @@ def main() -> None:
         torch.manual_seed(0)
         net = diffusers_unet(args.tiny) if name == "diffusers_unet" else ours(name, args.tiny)
         params = sum(p.numel() for p in net.parameters())
-        for compile in (False, True) if args.compile else (False,):
+        for compile in (False, "regional" if args.regional else True) if args.compile else (False,):
             step = Step(name, net, batch, device, compile)
             flops = step.flops()
             for kernel in args.sdpa:
@@ -139,7 +152,7 @@ def main() -> None:
                 with context:
                     seconds = timed(step, args.warmup, args.steps)
                 mfu = f"{flops / seconds / peak:6.1%}" if peak else "     -"
-                print(f"{name:16s} {params / 1e6:7.1f}M {str(compile):>7s} {kernel:>7s} {seconds * 1e3:8.1f} "
+                print(f"{name:16s} {params / 1e6:7.1f}M {str(compile)[:7]:>7s} {kernel:>7s} {seconds * 1e3:8.1f} "
                       f"{batch / seconds:9.1f} {flops / seconds / 1e12:8.1f} {mfu}", flush=True)
             del step
             if device.type == "cuda":

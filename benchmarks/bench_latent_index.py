@@ -2,17 +2,25 @@
 ShardWriter (sidecar index included), then LatentDataset's start-up time, index bytes per sample and random reads.
 
     python benchmarks/bench_latent_index.py [--records 1000000] [--shards 1000] [--workers 2] [--out DIR]
+    python benchmarks/bench_latent_index.py --loader-workers 0 1 2 4 8 [--demand 342.7] [--seconds 5]
 
 The records are stream-cache records (input shard s, sample j -> index s * STREAM_SHARD_SLOTS + j) with a
 [4, 4, 4] latent, a caption, original size and crop box; no first stage runs, so this measures the index alone.
 Start-up is timed with the shards just written (warm page cache). Targets (issue 14): start-up <= 10 s and
 <= 100 index bytes per sample for 1,000,000 records in 1,000 shards.
+
+`--loader-workers` measures instead the supply of SD-size records ([4, 32, 32], `--loader-records` of them) through
+a torch DataLoader as training builds it (LatentSampler order, posterior draws, collate) with each number of worker
+processes, in samples/s and as a multiple of a training step's demand (`--demand` images/s). Worker counts beyond the
+machine's free cores only compete for them.
 """
 import argparse
 import json
 import multiprocessing
+import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +32,9 @@ from ldm.data.latent_cache.format import read_json, sidecar_path, stream_layout
 from ldm.data.latent_cache.manifest import ensure_plan, write_manifest_if_complete
 from ldm.data.latent_cache.stream import stream_plan
 from ldm.data.latent_cache.writer import ShardWriter
+from ldm.data.latents import LatentSampler
 from ldm.data.preprocess import Preprocess
+from ldm.data.skips import collate_kept
 
 LATENT_SHAPE = (4, 4, 4)
 SD_LATENT_SHAPE = (4, 32, 32)  # 256 px through an f=8, 4-channel first stage, as txt2img trains
@@ -71,6 +81,44 @@ def random_reads(data: LatentDataset, reads: int) -> float:
     return reads / (time.perf_counter() - start)
 
 
+def loader_supply(data: LatentDataset, workers: int, batch_size: int, seconds: float) -> tuple[float, float]:
+    """(samples/s after the first batch, seconds to the first batch) of a training-style DataLoader with `workers`
+    processes, read for about `seconds`; passes over the data repeat with the next epoch's order."""
+    sampler = LatentSampler(data, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_size, sampler=sampler, drop_last=True, collate_fn=collate_kept,
+                                         num_workers=workers, persistent_workers=workers > 0)
+    start, first_s, samples, epoch = time.perf_counter(), None, 0, 0
+    while True:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            now = time.perf_counter()
+            if first_s is None:  # worker start-up and their first batches: not part of the steady supply
+                first_s, start = now - start, now
+                continue
+            samples += len(batch["latent"])
+            if now - start >= seconds:
+                return samples / (now - start), first_s
+        epoch += 1
+
+
+def bench_loader_workers(args: argparse.Namespace) -> None:
+    """The `--loader-workers` mode: SD-size records through a DataLoader at each worker count."""
+    # more workers than cores is the point of some rows here: the table shows what they cost
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "sd"
+        build_s = build(out, args.loader_records, args.loader_shards, args.workers, SD_LATENT_SHAPE)
+        data = LatentDataset(out)
+        print(f"{len(data)} SD-size records {list(SD_LATENT_SHAPE)} float16 in {args.loader_shards} shards "
+              f"(written in {build_s:.0f} s), batches of {args.batch_size} in random order with the posterior draw, "
+              f"{args.seconds:g} s per row; {os.cpu_count()} CPUs here")
+        print(f"{'workers':>7}  {'samples/s':>10}  {'x demand':>8}  {'first batch':>11}   "
+              f"(demand: {args.demand} images/s)")
+        for workers in args.loader_workers:
+            per_s, first_s = loader_supply(data, workers, args.batch_size, args.seconds)
+            print(f"{workers:>7}  {per_s:>10,.0f}  {per_s / args.demand:>7.1f}x  {first_s:>9.2f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
@@ -78,7 +126,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes writing shards")
     parser.add_argument("--reads", type=int, default=20000, help="random record reads timed after start-up")
     parser.add_argument("--out", type=Path, default=None, help="cache folder (default: a temporary one, deleted)")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=None, metavar="N",
+                        help="instead: SD-size records through a DataLoader with each of these worker counts")
+    parser.add_argument("--demand", type=float, default=SD_STEP_IMAGES_PER_S,
+                        help="images/s one training step consumes (default: the H200 SD2 UNet step)")
+    parser.add_argument("--loader-records", type=int, default=8192, help="SD-size records for --loader-workers")
+    parser.add_argument("--loader-shards", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size for --loader-workers")
+    parser.add_argument("--seconds", type=float, default=5.0, help="reading time per worker count")
     args = parser.parse_args()
+    if args.loader_workers:
+        bench_loader_workers(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "train"

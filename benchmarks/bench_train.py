@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.callbacks.throughput import bf16_peak_flops
 from ldm.data.latent_cache import LatentDataset, cache_latents
 from ldm.data.shapes import ShapesDataset
 from ldm.diffusion.loss import denoising_loss
@@ -38,7 +39,6 @@ BACKBONES = {
             "model.backbone.num_heads=3"],                            # as shapes_txt2img_dit
     "dit_s": ["model/backbone=dit_s"],                                # DiT-S/2, 33M parameters
 }
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 
 
 @dataclass
@@ -106,14 +106,15 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return bf16_peak_flops(torch.cuda.get_device_name(device))
 
 
 def train_rate(row: Row, model_cfg, first_stage, loaders: dict, latent_shape, args, device: torch.device) -> dict:
     """Train a fresh module for warmup + steps steps; return its throughput."""
     torch.manual_seed(0)
-    module = instantiate(model_cfg, first_stage=first_stage, latent_shape=list(latent_shape), compile=row.compile)
+    # latent_scale: the on-the-fly rows need one (a cache's rows take theirs from the manifest); speed only here
+    module = instantiate(model_cfg, first_stage=first_stage, latent_shape=list(latent_shape), compile=row.compile,
+                         latent_scale=1.0)
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator=device.type, devices=1, precision=row.precision, max_steps=args.warmup + args.steps,

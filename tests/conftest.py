@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -57,6 +58,16 @@ def run_main(*overrides: str, timeout: float = 600) -> subprocess.CompletedProce
     """`python main.py *overrides` in a subprocess (DDP re-launches sys.argv: never run it inside pytest)."""
     return subprocess.run([sys.executable, "main.py", *overrides], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads; on shared CPUs OpenMP contention made them ~10x slower. A module opts
+    in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,14 +1,14 @@
 """The layer contract: every import inside ldm/ (module- or function-level) points down the layer order, and
 main.py reaches only tasks and utils.
 
-Order (lowest first): utils -> nn, diffusion (independent of each other) -> data -> eval -> models -> callbacks
--> tasks -> main.py. `eval` (metrics as pure functions) sits below `models`, whose autoencoder validates with PSNR.
+Order (lowest first): utils -> nn, diffusion (independent of each other) -> data -> eval -> models -> interop
+(Stable Diffusion / diffusers key maps) -> callbacks -> tasks -> main.py. `eval` (metrics as pure functions) sits below `models`, whose autoencoder validates with PSNR.
 """
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = [{"utils"}, {"nn", "diffusion"}, {"data"}, {"eval"}, {"models"}, {"callbacks"}, {"tasks"}]
+LAYERS = [{"utils"}, {"nn", "diffusion"}, {"data"}, {"eval"}, {"models"}, {"interop"}, {"callbacks"}, {"tasks"}]
 RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}
 MAIN_MAY_IMPORT = {"tasks", "utils"}
 

@@ -43,12 +43,23 @@ class ImageGrid(L.Callback):
 
     def samples(self, trainer, pl_module: LatentDiffusionModule) -> torch.Tensor:
         """[rows, seeds, C, H, W]: every rank samples (a sharded model samples collectively)."""
+        if getattr(pl_module.conditioner, "concat_channels", 0):  # image-conditioned: the validation batch's inputs
+            return self.image_samples(trainer, pl_module)
         prompts, labels = self.sampling.prompts, self.sampling.labels
         if not prompts and not labels:
             prompts = list(self._fixed_batch(trainer, pl_module)["caption"])
         rows = self.sampling.grid_jobs(conditions(prompts, labels))
         images = render(pl_module, [job for row in rows for job in row], self.sampling)
         return images.reshape(len(rows), len(rows[0]), *images.shape[1:])
+
+    def image_samples(self, trainer, pl_module: LatentDiffusionModule) -> torch.Tensor:
+        """[images, 1 + seeds, C, H, W]: each image of the fixed validation batch (the truth), then one sample per seed
+        from its condition (mask, low-res image or map, made by the data's inputs)."""
+        batch = self._fixed_batch(trainer, pl_module)
+        n, s = len(batch["image"]), self.sampling
+        columns = [pl_module.sample(batch, [seed] * n, use_ema=s.use_ema, sampler=s.sampler, steps=s.steps,
+                                    schedule=s.schedule, **s.sampler_options()) for seed in s.seeds]
+        return torch.stack([batch["image"], *columns], dim=1).cpu()
 
     def write(self, trainer, pl_module) -> list[Path]:
         is_diffusion = isinstance(pl_module, LatentDiffusionModule)

@@ -1,11 +1,13 @@
 """ImageDataModule: DataLoaders around already-built train/val datasets (Hydra builds them recursively)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.condition_inputs import collate_with_inputs
 from ldm.data.skips import KeptLoader, collate_kept
 from ldm.data.stream_loader import StreamLoader
 
@@ -15,7 +17,8 @@ class ImageDataModule(L.LightningDataModule):
 
     `resolution`, `root`, `urls` and the stream filters (`min_size`, `max_aspect`, `empty_caption`) are the config's
     top-level data knobs; the datasets were built from them, and they are kept here only so that callers can read
-    them (e.g. `datamodule.resolution`).
+    them (e.g. `datamodule.resolution`). `inputs`: condition inputs made from each collated batch (inpainting
+    masks, super-resolution's low-res image: ldm/data/condition_inputs.py), whatever the dataset.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class ImageDataModule(L.LightningDataModule):
         min_size: int | None = None,
         max_aspect: float | None = None,
         empty_caption: str | None = None,
+        inputs: Sequence[Callable[[dict], dict]] = (),
     ):
         super().__init__()
         if batch_size <= 0 or num_workers < 0:
@@ -42,6 +46,7 @@ class ImageDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.resolution, self.root, self.urls = resolution, root, urls
         self.min_size, self.max_aspect, self.empty_caption = min_size, max_aspect, empty_caption
+        self.inputs = tuple(inputs)
 
     def setup(self, stage: str) -> None:
         # Lightning calls this once the process group exists; streaming datasets take the rank now,
@@ -60,7 +65,7 @@ class ImageDataModule(L.LightningDataModule):
         return loader(
             dataset,
             batch_size=batch_size,
-            collate_fn=collate_kept,
+            collate_fn=partial(collate_with_inputs, self.inputs) if self.inputs else collate_kept,
             shuffle=train and not isinstance(dataset, IterableDataset),  # Lightning swaps in a DistributedSampler
             drop_last=train,
             num_workers=self.num_workers,

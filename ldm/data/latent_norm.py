@@ -4,7 +4,7 @@ buffers so that a checkpoint carries them; the cache reader and the diffusion mo
 import torch
 from torch import nn
 
-SCALES = ("per_channel", "global_std")
+SCALES = ("auto", "per_channel", "global_std")
 
 
 class LatentNorm(nn.Module):
@@ -18,9 +18,13 @@ class LatentNorm(nn.Module):
         self.register_buffer("shift", torch.zeros(channels, 1, 1))
 
     @classmethod
-    def from_stats(cls, stats: dict, scale: str | float, channels: int) -> "LatentNorm":
+    def from_stats(cls, stats: dict, scale: str | float, channels: int, first_stage_scale: float | None = None
+                   ) -> "LatentNorm":
         """From a cache's exact statistics. per_channel: shift = E[z_c], scale = 1 / std(z_c); global_std: shift = 0,
-        scale = 1 / std(z) over all channels; a number: shift = 0 and that scale (e.g. SD's 0.18215)."""
+        scale = 1 / std(z) over all channels; a number: shift = 0 and that scale (e.g. SD's 0.18215); auto: the first
+        stage's own scaling factor when it has one (imported SD weights), else per_channel."""
+        if scale == "auto":
+            scale = first_stage_scale if first_stage_scale is not None else "per_channel"
         if not isinstance(scale, str):
             return cls(channels, scale)
         norm = cls(channels)

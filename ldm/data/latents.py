@@ -118,7 +118,7 @@ class LatentDataModule(L.LightningDataModule):
         val_path: str | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
-        scale: str | float = "per_channel",
+        scale: str | float = "auto",
         flip: bool = True,
         verify: bool = False,
         expected_first_stage_hash: str | None = None,

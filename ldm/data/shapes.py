@@ -28,6 +28,7 @@ SIZE_JITTER = 0.05  # relative jitter of d
 POSITION_JITTER = 0.03  # absolute jitter of the centre, fraction of the side
 SUPERSAMPLE = 4  # render at 4x and box-filter down: anti-aliased edges
 MAX_PLACEMENT_TRIES = 1000
+LAYOUT_CLASSES = 1 + len(COLORS)  # semantic map classes: background, then one per colour (render_layout)
 
 
 @dataclass(frozen=True)
@@ -95,29 +96,42 @@ def _inside(obj: ShapeObject, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (depth >= 0) & (dy <= r) & (np.abs(dx) <= depth / 2)
 
 
-def render_shapes(objects: list[ShapeObject], resolution: int) -> np.ndarray:
-    """Render a scene to uint8 [H,W,3] on black, anti-aliased by 4x supersampling and a box filter."""
+def _coverage(obj: ShapeObject, resolution: int) -> np.ndarray:
+    """Fraction of each pixel the object covers, float32 [H, W]: 4x supersampling and a box filter."""
     n = resolution * SUPERSAMPLE
     centres = (np.arange(n) + 0.5) / n  # supersample pixel centres, fractions of the side
-    x, y = centres[None, :], centres[:, None]
+    inside = _inside(obj, centres[None, :], centres[:, None]).astype(np.float32)
+    return einops.reduce(inside, "(h s1) (w s2) -> h w", "mean", s1=SUPERSAMPLE, s2=SUPERSAMPLE)
+
+
+def render_shapes(objects: list[ShapeObject], resolution: int) -> np.ndarray:
+    """Render a scene to uint8 [H,W,3] on black, anti-aliased by 4x supersampling and a box filter."""
     canvas = np.zeros((resolution, resolution, 3), np.float32)
-    for obj in objects:
-        coverage = einops.reduce(
-            _inside(obj, x, y).astype(np.float32), "(h s1) (w s2) -> h w", "mean", s1=SUPERSAMPLE, s2=SUPERSAMPLE
-        )
-        canvas += coverage[:, :, None] * np.asarray(COLOR_RGB[obj.color], np.float32)  # objects never overlap
+    for obj in objects:  # objects never overlap
+        canvas += _coverage(obj, resolution)[:, :, None] * np.asarray(COLOR_RGB[obj.color], np.float32)
     return np.round(canvas).clip(0, 255).astype(np.uint8)
 
 
-class ShapesDataset(Dataset):
-    """Procedural shapes scenes, deterministic per (seed, index): image, caption and attribute indices."""
+def render_layout(objects: list[ShapeObject], resolution: int) -> np.ndarray:
+    """The scene's semantic map, int64 [H, W]: 0 on the background, 1 + colour index where an object covers at least
+    half the pixel (the renderer's own geometry and supersampling), LAYOUT_CLASSES classes in all."""
+    layout = np.zeros((resolution, resolution), np.int64)
+    for obj in objects:
+        layout[_coverage(obj, resolution) >= 0.5] = 1 + obj.color
+    return layout
 
-    def __init__(self, size: int, resolution: int = 32, num_objects: int = 1, seed: int = 0):
+
+class ShapesDataset(Dataset):
+    """Procedural shapes scenes, deterministic per (seed, index): image, caption and attribute indices; with
+    `layout`, also the semantic map (render_layout) for layout-to-image."""
+
+    def __init__(self, size: int, resolution: int = 32, num_objects: int = 1, seed: int = 0, layout: bool = False):
         if size <= 0 or resolution <= 0 or seed < 0:
             raise ValueError(f"need size > 0, resolution > 0, seed >= 0; got {size=}, {resolution=}, {seed=}")
         if num_objects not in (1, 2):
             raise ValueError(f"num_objects must be 1 or 2, got {num_objects}")
         self.size, self.resolution, self.num_objects, self.seed = size, resolution, num_objects, seed
+        self.layout = layout
         self._rendered = self._done = None  # filled lazily by _pixels
 
     def __len__(self) -> int:
@@ -142,10 +156,13 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         objects = self.scene(index)
-        return {
+        item = {
             "image": uint8_to_tensor(self._pixels(index, objects)),
             "caption": describe(objects),
             "label": -1,
             "key": f"shapes-{self.seed}-{index:07d}",
             "attrs": {name: torch.tensor([getattr(o, name) for o in objects]) for name in VOCABULARIES},
         }
+        if self.layout:  # cheap next to the image: not kept
+            item["layout"] = torch.from_numpy(render_layout(objects, self.resolution))
+        return item

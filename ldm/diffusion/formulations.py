@@ -51,6 +51,7 @@ class VPFormulation:
         weighting: Literal["uniform", "min_snr"] = "uniform",
         min_snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
+        steps_offset: int = 0,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
@@ -58,6 +59,8 @@ class VPFormulation:
             raise ValueError(f"unknown weighting {weighting!r}; expected 'uniform' or 'min_snr'")
         if min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        if steps_offset < 0:
+            raise ValueError(f"steps_offset must be >= 0, got {steps_offset}")
         if zero_terminal_snr and prediction == "eps":
             # At SNR 0 the input carries no signal and x0 = x - sigma eps is undefined (Lin et al. 2024, Sec. 3.2).
             raise ValueError("zero_terminal_snr=True needs prediction='v' or 'x0'; eps-prediction cannot reach x0 at SNR 0")
@@ -68,6 +71,8 @@ class VPFormulation:
         self.weighting = weighting
         self.min_snr_gamma = min_snr_gamma
         self.offset_noise = _check_offset_noise(offset_noise)
+        # diffusers' steps_offset: "leading" sampling timesteps start at this index (Stable Diffusion: 1)
+        self.steps_offset = steps_offset
 
         betas = schedules.make_betas(schedule, num_timesteps)
         if zero_terminal_snr:
@@ -114,7 +119,7 @@ class VPFormulation:
         """Sampling sigmas then 0: table entries at spaced timesteps (default trailing), or karras/flow."""
         schedule = "trailing" if schedule == "default" else schedule
         if schedule in step_schedules.SPACINGS:
-            return step_schedules.discrete_sigmas(self.sigmas_table, steps, spacing=schedule)
+            return step_schedules.discrete_sigmas(self.sigmas_table, steps, schedule, self.steps_offset)
         return step_schedules.continuous_step_sigmas(schedule, steps, self.sigma_min, self.sigma_max)
 
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from ldm.models.autoencoder import AutoencoderModule
 from ldm.utils.checkpoint import FIRST_STAGE_CONFIG_KEY, checkpoint_config, read_checkpoint
 from ldm.utils.errors import ConfigError, missing_file
-from ldm.utils.safe_config import safe_instantiate
+from ldm.utils.safe_config import safe_instantiate, stored_config
 
 __all__ = ["FIRST_STAGE_CONFIG_KEY", "first_stage_hash", "load_first_stage", "load_first_stage_with_config"]
 
@@ -17,7 +17,8 @@ LOSS_ONLY = ("lpips", "discriminator")  # training-loss parts: not needed to enc
 
 
 def load_first_stage_with_config(ckpt_path: str | Path) -> tuple[AutoencoderModule, dict[str, Any]]:
-    """The checkpoint's AutoencoderModule (frozen, eval mode) and the plain-dict config that rebuilds it.
+    """The checkpoint's AutoencoderModule (frozen, eval mode) and the plain-dict config that rebuilds it; a latent
+    diffusion checkpoint gives the first stage stored inside it (so an imported SD pipeline run caches its latents).
 
     The module is rebuilt from the stored config (allow-listed targets) without its LPIPS and discriminator
     (set to null in the returned config, also kept as `module.model_config` for diffusion checkpoints), so
@@ -26,12 +27,16 @@ def load_first_stage_with_config(ckpt_path: str | Path) -> tuple[AutoencoderModu
     if not Path(ckpt_path).is_file():
         raise missing_file(str(ckpt_path), "model.first_stage.ckpt_path", "autoencoder checkpoint")
     ckpt = read_checkpoint(ckpt_path)
-    model_config = checkpoint_config(ckpt, str(ckpt_path)).model
-    inference_config = OmegaConf.merge(model_config, {part: None for part in LOSS_ONLY if part in model_config})
+    if ckpt.get(FIRST_STAGE_CONFIG_KEY) is not None:  # a latent diffusion checkpoint carries its first stage
+        inference_config = stored_config(ckpt[FIRST_STAGE_CONFIG_KEY], str(ckpt_path))
+        state = {k.removeprefix("first_stage."): v for k, v in ckpt["state_dict"].items() if k.startswith("first_stage.")}
+    else:
+        model_config = checkpoint_config(ckpt, str(ckpt_path)).model
+        inference_config = OmegaConf.merge(model_config, {part: None for part in LOSS_ONLY if part in model_config})
+        state = {k: v for k, v in ckpt["state_dict"].items() if k.split(".", 1)[0] not in LOSS_ONLY}
     module = safe_instantiate(inference_config, where="model", source=str(ckpt_path))
     if not isinstance(module, AutoencoderModule):
         raise ConfigError(f"{ckpt_path} holds a {type(module).__name__}, not an AutoencoderModule (config key `first_stage_name`)")
-    state = {k: v for k, v in ckpt["state_dict"].items() if k.split(".", 1)[0] not in LOSS_ONLY}
     module.load_state_dict(state)
     module.requires_grad_(False).eval()
     module.model_config = OmegaConf.to_container(inference_config, resolve=True)

@@ -8,6 +8,7 @@ import torch
 from rich.progress import track
 
 from ldm.diffusion.guidance import CFGDenoiser
+from ldm.diffusion.known_region import KnownRegionDenoiser
 from ldm.diffusion.noise import SampleNoise
 from ldm.diffusion.samplers import resolve_sampler
 from ldm.diffusion.step_schedules import check_schedule
@@ -39,6 +40,7 @@ def generate_latents(
     guidance_interval: tuple[float, float] | None = None,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
     **sampler_opts,
 ) -> torch.Tensor:
@@ -46,6 +48,8 @@ def generate_latents(
 
     img2img (SDEdit, Meng et al. 2022): with `init` latents, noise them to the sigma reached after
     (1 - strength) of the steps and denoise from there with the same sampler.
+    Training-free inpainting: with `known` = (latents, latent mask, 1 = to fill), the known region is imposed at
+    every step (ldm.diffusion.known_region).
     """
     sample = resolve_sampler(sampler)
     if not 0 < strength <= 1:
@@ -62,6 +66,8 @@ def generate_latents(
         if uncond is None:
             raise ValueError("guidance_scale != 1 needs an unconditional branch (conditioner.null)")
         denoiser = CFGDenoiser(denoiser, guidance_scale, uncond, guidance_rescale, guidance_interval)
+    if known is not None:
+        denoiser = KnownRegionDenoiser(denoiser, known[0].to(device), known[1].to(device))
     return sample(denoiser, x, sigmas, cond=cond, generator=noise, **sampler_opts)
 
 

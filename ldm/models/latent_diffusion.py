@@ -14,6 +14,20 @@ from ldm.models.fsdp import FSDP2Strategy, shard_with_ema
 from ldm.models.generate import generate_latents
 from ldm.models.optimizer import AdamWSchedule
 from ldm.models.step_seed import step_generator
+from ldm.utils.errors import ConfigError
+
+
+def on_the_fly_norm(first_stage: nn.Module | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) for latents encoded while training with model.latent_scale=null: the first stage's own scaling
+    factor (imported SD weights: 0.18215); ours has none, and a silent 1 would train on latents of any variance."""
+    factor = getattr(getattr(first_stage, "net", None), "scaling_factor", None)
+    if factor is None:
+        raise ConfigError(
+            "model.latent_scale=null while encoding images on the fly, and the first stage has no scaling factor: "
+            "set model.latent_scale (1 / std of its latents; a cache's manifest.json lists the std), or train on "
+            "cached latents (task=cache_latents, data=latents), which measure it"
+        )
+    return torch.full((channels,), float(factor)), torch.zeros(channels)
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -42,11 +56,15 @@ class LatentDiffusionModule(L.LightningModule):
         self.formulation = formulation
         self.conditioner = conditioner
         self.first_stage = first_stage.requires_grad_(False).eval() if first_stage is not None else None
+        # decided once: freezing parts later (`trainable=`) must not change what the EMA holds
+        self._conditioner_trains = any(p.requires_grad for p in conditioner.parameters())
         self.ema = EMA(self.ema_target(), ema_decay) if ema_decay else None
         self.latent_shape = tuple(latent_shape)
         # From the cache manifest at setup (or `latent_scale` when encoding on the fly); in the checkpoint, so
         # sampling needs nothing else.
         self.latent_norm = LatentNorm(self.latent_shape[0], latent_scale if latent_scale is not None else 1.0)
+        self.latent_scale = latent_scale
+        self.keep_latent_norm = False  # set by init_from: the source's normalisation, which its network learned
         self.optimizer = optimizer or AdamWSchedule()
         self.cfg_dropout_prob, self.loss_buckets, self.seed = cfg_dropout_prob, loss_buckets, seed
         self.compile = compile
@@ -55,7 +73,7 @@ class LatentDiffusionModule(L.LightningModule):
     def ema_target(self) -> nn.ModuleDict:
         """What EMA averages (and FSDP shards): the backbone, and the conditioner unless it is frozen (OpenCLIP)."""
         parts = {"backbone": self.denoiser.net}
-        if any(p.requires_grad for p in self.conditioner.parameters()):
+        if self._conditioner_trains:
             parts["conditioner"] = self.conditioner
         return nn.ModuleDict(parts)
 
@@ -68,8 +86,12 @@ class LatentDiffusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
-        if isinstance(dm, LatentDataModule):  # cached latents: scale/shift come from the cache manifest
+        if self.keep_latent_norm:
+            pass
+        elif isinstance(dm, LatentDataModule):  # cached latents: scale/shift come from the cache manifest
             self.latent_norm.set(dm.norm.scale, dm.norm.shift)
+        elif stage == "fit" and self.latent_scale is None and self.first_stage is not None:  # images encoded on the fly
+            self.latent_norm.set(*on_the_fly_norm(self.first_stage, self.latent_shape[0]))
         if self.compile and stage == "fit":
             self._train_denoiser = [torch.compile(self.denoiser)]
 
@@ -101,12 +123,23 @@ class LatentDiffusionModule(L.LightningModule):
         with torch.no_grad():
             return self.latent_norm.normalize(self.first_stage.encode(batch["image"]).sample(generator=generator))
 
+    def with_condition_latents(self, batch: dict, conditioner: nn.Module) -> dict:
+        """The batch plus `<name>_latent` for each image the conditioner needs encoded (inpainting's masked image):
+        normalised posterior means of the frozen first stage. Unchanged for other conditioners."""
+        images = getattr(conditioner, "first_stage_images", lambda _: {})(batch)
+        if images and self.first_stage is None:
+            raise ValueError(f"the conditioner needs {sorted(images)} encoded, but the model has no first_stage")
+        with torch.no_grad():
+            encoded = {f"{name}_latent": self.latent_norm.normalize(self.first_stage.encode(image.to(self.device)).mean)
+                       for name, image in images.items()}
+        return {**batch, **encoded}
+
     # --- training ---
     def training_step(self, batch, batch_idx):
         g = step_generator(self.seed, self.global_step, self.global_rank, self.device)
         x0 = self.batch_latents(batch, g)
-        cond = self.conditioner.encode(batch)
-        cond = cfg_dropout(cond, self.conditioner.null(x0.shape[0]), self.cfg_dropout_prob, generator=g)
+        cond = self.conditioner.encode(self.with_condition_latents(batch, self.conditioner))
+        cond = cfg_dropout(cond, self.conditioner.null_like(cond, x0.shape[0]), self.cfg_dropout_prob, generator=g)
         loss, sigma = denoising_loss(self._train_denoiser[0], x0, cond, self.formulation, generator=g)
         mean = loss.mean()  # a NaN/inf stops the run before backward: callbacks/finite_loss.py
         self.log("train/loss", mean, prog_bar=True, batch_size=len(x0))
@@ -131,7 +164,8 @@ class LatentDiffusionModule(L.LightningModule):
         g = step_generator(self.seed + 1, batch_idx, self.global_rank, self.device)  # same noise every validation
         x0 = self.batch_latents(batch, g)
         denoiser, conditioner = self.inference_parts()
-        loss, _ = denoising_loss(denoiser, x0, conditioner.encode(batch), self.formulation, generator=g)
+        cond = conditioner.encode(self.with_condition_latents(batch, conditioner))
+        loss, _ = denoising_loss(denoiser, x0, cond, self.formulation, generator=g)
         self.log("val/loss", loss.mean(), prog_bar=True, sync_dist=True, batch_size=len(x0))
 
     # --- inference (EMA by default) ---
@@ -146,9 +180,9 @@ class LatentDiffusionModule(L.LightningModule):
     def sample(self, batch: dict, seeds: list[int], *, use_ema: bool = True, decode: bool = True, **opts) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] (or normalised latents) for the conditions in `batch`, noise from `seeds`."""
         denoiser, conditioner = self.inference_parts(use_ema)
-        cond = conditioner.encode(batch)
+        cond = conditioner.encode(self.with_condition_latents(batch, conditioner))
         z = generate_latents(
-            denoiser, self.formulation, cond, conditioner.null(len(seeds)), seeds, self.latent_shape,
+            denoiser, self.formulation, cond, conditioner.null_like(cond, len(seeds)), seeds, self.latent_shape,
             device=self.device, **opts,
         )
         if not decode:

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldm.data.transforms import load_rgb, prepare_image
+from ldm.diffusion.known_region import latent_mask
+from ldm.eval.image_tasks import read_layout
 from ldm.models.autoencoder import AutoencoderModule
 from ldm.models.first_stage import load_first_stage_with_config
 from ldm.models.generate import Job, render
@@ -159,6 +161,76 @@ class Pipeline:
             init_image if isinstance(init_image, torch.Tensor) else [init_image])
         return self._as(self.render(jobs, sampling, init, strength=strength if init is not None else 1.0,
                                     progress=progress), output)
+
+    @property
+    def image_task(self) -> str | None:
+        """Which image condition the model takes: inpaint, sr, layout (ldm.nn.image_conditions), or None."""
+        image = getattr(self.module, "conditioner", None) if self.is_diffusion else None
+        name = type(getattr(image, "image", None)).__name__
+        return {"MaskedImage": "inpaint", "LowResImage": "sr", "SemanticMap": "layout"}.get(name)
+
+    def sr_factor(self) -> int:
+        """The upscaling factor the run trained with (its data.inputs LowRes), 4 if the config does not say."""
+        inputs = self.config.get("data", {}).get("inputs") or []
+        return next((int(i.factor) for i in inputs if str(i.get("_target_", "")).endswith("LowRes")), 4)
+
+    def condition_images(self, images: torch.Tensor | Sequence[Image.Image | str | Path], prompts: Sequence[str] |
+                         None = None, *, seeds: Sequence[int] | None = None, output: str = "pil", **settings
+                         ) -> list[Image.Image] | torch.Tensor:
+        """Super-resolution and layout-to-image from conditioning images, one seed each (default 0..N-1): low-res
+        pictures (any size, prepared at resolution / factor) or semantic maps drawn in the shapes palette (black
+        background; ldm.eval.image_tasks.read_layout). Inpainting takes masks too: `inpaint`."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        task = self.image_task
+        if task not in ("sr", "layout"):
+            raise ValueError(f"{self.path} takes no conditioning image of its own (image task: {task}); inpainting "
+                             "goes through `inpaint`")
+        size = self.resolution // self.sr_factor() if task == "sr" else self.resolution
+        pixels = images if isinstance(images, torch.Tensor) else image_batch(images, size)
+        n = len(pixels)
+        batch = self.module.sample_batch(list(prompts) if prompts is not None else [""] * n, None)
+        batch["lowres" if task == "sr" else "layout"] = pixels.to(self.device) if task == "sr" else read_layout(pixels)
+        sampling = self.settings(**settings)
+        images = self.module.sample(
+            batch, list(seeds) if seeds is not None else list(range(n)), use_ema=sampling.use_ema,
+            sampler=sampling.sampler, steps=sampling.steps, schedule=sampling.schedule,
+            guidance_scale=sampling.guidance_scale, guidance_rescale=sampling.guidance_rescale,
+            **sampling.sampler_options())
+        return self._as(images, output)
+
+    def inpaint(self, images: torch.Tensor | Sequence[Image.Image | str | Path],
+                masks: torch.Tensor | Sequence[Image.Image | str | Path], prompts: Sequence[str] | None = None, *,
+                seeds: Sequence[int] | None = None, training_free: bool | None = None, output: str = "pil",
+                **settings) -> list[Image.Image] | torch.Tensor:
+        """Fill the masked part of each image (masks: [N, 1, H, W] or files, 1 / white = to fill), one seed each
+        (default 0..N-1). An inpainting model (shapes_inpaint) is conditioned on the masked image; any other model,
+        or training_free=True, imposes the known region at every step instead (ldm.diffusion.known_region), so the
+        two can be compared on one text-to-image and one inpainting checkpoint."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        images = images if isinstance(images, torch.Tensor) else image_batch(images, self.resolution)
+        if not isinstance(masks, torch.Tensor):
+            masks = (image_batch(masks, self.resolution).mean(1, keepdim=True) > 0).float()  # white (> mid-grey)
+        n = len(images)
+        if masks.shape != (n, 1, *images.shape[-2:]):
+            raise ValueError(f"masks must be [{n}, 1, H, W] like the images {tuple(images.shape)}, got "
+                             f"{tuple(masks.shape)}")
+        seeds = list(seeds) if seeds is not None else list(range(n))
+        trained = type(getattr(self.module.conditioner, "image", None)).__name__ == "MaskedImage"
+        if training_free is None:
+            training_free = not trained
+        if not training_free and not trained:
+            raise ValueError(f"{self.path} is not an inpainting model: use training_free=True")
+        sampling = self.settings(**settings)
+        batch = self.module.sample_batch(list(prompts) if prompts is not None else [""] * n, None)
+        batch.update(image=images.to(self.device), mask=masks.to(self.device))
+        opts = dict(use_ema=sampling.use_ema, sampler=sampling.sampler, steps=sampling.steps,
+                    schedule=sampling.schedule, guidance_scale=sampling.guidance_scale,
+                    guidance_rescale=sampling.guidance_rescale, **sampling.sampler_options())
+        if training_free:
+            opts["known"] = (self.encode(images), latent_mask(masks, self.module.latent_shape[1:]))
+        return self._as(self.module.sample(batch, seeds, **opts), output)
 
     @staticmethod
     def _as(images: torch.Tensor, output: str) -> torch.Tensor | list[Image.Image]:

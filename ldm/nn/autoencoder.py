@@ -234,8 +234,12 @@ class AutoencoderKL(nn.Module):
         embed_dim: int = 4,
         attn_levels: Sequence[int] = (),
         dropout: float = 0.0,
+        scaling_factor: float | None = None,
     ) -> None:
         super().__init__()
+        # The latent scale its diffusion models were trained with (SD: 0.18215), for weights imported with one;
+        # `data.scale=auto` and on-the-fly training use it (None: ours, estimated from the data).
+        self.scaling_factor = scaling_factor
         arch = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels)
         self.encoder = Encoder(in_channels=in_channels, attn_levels=tuple(attn_levels), dropout=dropout, **arch)
         self.decoder = Decoder(out_channels=in_channels, attn_levels=tuple(attn_levels), dropout=dropout, **arch)

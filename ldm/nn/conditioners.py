@@ -15,6 +15,7 @@ import torch
 from einops import rearrange
 from open_clip.factory import load_state_dict
 from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
 from ldm.nn.attention import TransformerBlock
@@ -39,6 +40,11 @@ class Conditioner(nn.Module):
 
     def null(self, batch_size: int) -> Cond:
         raise NotImplementedError
+
+    def null_like(self, cond: Cond, batch_size: int) -> Cond:
+        """The unconditional branch paired with `cond` (guidance dropout and sampling): `null(batch_size)`; a
+        conditioner that keeps part of the condition in both branches (an image under concatenation) overrides it."""
+        return self.null(batch_size)
 
     def forward(self, batch: dict) -> Cond:
         """The batch's condition, `encode(batch)` (guidance dropout is ldm.diffusion.guidance.cfg_dropout)."""
@@ -177,40 +183,87 @@ def resolve_open_clip_weights(model_name: str, pretrained: str) -> str:
         raise RuntimeError(f"could not fetch open_clip weights {model_name}/{pretrained}: {e}. {hint}") from e
 
 
-class OpenCLIPTextConditioner(Conditioner):
-    """Frozen open_clip text tower; context = layer-normed tokens of the penultimate layer (Stable Diffusion 2).
+# open_clip TextTransformer sizes a text_cfg may set (its other options change the maths, so they are refused).
+TEXT_TOWER_SIZES = ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")
+_ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}  # erf GELU; x * sigmoid(1.702 x) (OpenAI CLIP)
 
-    pretrained: an open_clip tag (downloaded on first use), a local weights file (a full CLIP checkpoint or
-    a text-only state dict), or None for random weights (tests). y = projected pooled embedding if pooled.
+
+def _bare_text_tower(text_cfg: dict, activation: str | None) -> TextTransformer:
+    unknown = sorted(set(text_cfg) - set(TEXT_TOWER_SIZES))
+    if unknown:
+        raise ValueError(f"model.conditioner.text_cfg: unknown keys {unknown} (allowed: {list(TEXT_TOWER_SIZES)})")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"model.conditioner.activation must be one of {list(_ACTIVATIONS)} with text_cfg, "
+                         f"got {activation!r}")
+    # No projection and no logit scale: a conditioner uses the tokens, and a tower built from sizes alone has no
+    # source for these tensors (an imported CLIPTextModel has none), so they are not invented.
+    return TextTransformer(**text_cfg, output_dim=None, proj_type="none", pool_type="argmax",
+                           act_layer=_ACTIVATIONS[activation])
+
+
+class OpenCLIPTextConditioner(Conditioner):
+    """Frozen open_clip text tower; context = layer-normed tokens of the last or penultimate layer.
+
+    The tower is an open_clip model by name (`model_name`, its text part; text_projection and logit_scale
+    included), or sizes alone (`text_cfg`, keys TEXT_TOWER_SIZES, with `activation`): a bare TextTransformer
+    without projection, which expresses any transformers CLIPTextModel. pretrained: an open_clip tag (downloaded
+    on first use, model_name only), a local weights file (a full CLIP checkpoint or a text-only state dict), or
+    None for random weights (tests, imports). Captions are padded after the end-of-text token with
+    `pad_token_id`: 0 as open_clip and SD 2.x do, 49407 (end-of-text) for SD 1.x's CLIP tokenizer; padding
+    changes the context at padded positions, which the backbone attends to. y = pooled embedding if pooled
+    (projected where the tower has a projection).
     """
 
     def __init__(
         self,
-        model_name: str = "ViT-H-14",
+        model_name: str | None = "ViT-H-14",
         pretrained: str | None = "laion2b_s32b_b79k",
         layer: str = "penultimate",
         pooled: bool = False,
+        text_cfg: dict | None = None,
+        activation: str | None = None,
+        pad_token_id: int = 0,
     ):
         super().__init__()
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
-        weights = resolve_open_clip_weights(model_name, pretrained) if pretrained is not None else None
-        model = open_clip.create_model(model_name, pretrained=None)
-        del model.visual  # only the text tower is used; dropping the image tower saves most of the memory
+        if (model_name is None) == (text_cfg is None):
+            raise ValueError("give exactly one of model.conditioner.model_name and model.conditioner.text_cfg, "
+                             f"got model_name={model_name!r}, text_cfg={text_cfg!r}")
+        if text_cfg is not None:
+            if pretrained is not None and not os.path.isfile(pretrained):
+                raise ValueError(f"model.conditioner.pretrained={pretrained!r}: with text_cfg it must be a local "
+                                 "weights file or null")
+            model = _bare_text_tower(dict(text_cfg), activation)
+            self.tokenizer = SimpleTokenizer(context_length=model.context_length)
+            name = "text_cfg"
+            weights = pretrained
+        else:
+            if activation is not None:
+                raise ValueError(f"model.conditioner.activation={activation!r} applies to text_cfg towers; the "
+                                 f"open_clip config of {model_name} fixes it (set it to null)")
+            weights = resolve_open_clip_weights(model_name, pretrained) if pretrained is not None else None
+            model = open_clip.create_model(model_name, pretrained=None)
+            del model.visual  # only the text tower is used; dropping the image tower saves most of the memory
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+            name = model_name
         tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower in .text, CLIP inline
         if not hasattr(tower, "token_embedding") or getattr(tower, "cls_emb", None) is not None:
-            raise ValueError(f"{model_name}: only open_clip's causal text transformer towers are supported")
+            raise ValueError(f"{name}: only open_clip's causal text transformer towers are supported")
         if not tower.transformer.batch_first:
-            raise ValueError(f"{model_name}: open_clip text transformer must be batch-first")
+            raise ValueError(f"{name}: open_clip text transformer must be batch-first")
+        if pad_token_id != 0 and not hasattr(self.tokenizer, "eot_token_id"):
+            raise ValueError(f"model.conditioner.pad_token_id={pad_token_id}: {name}'s tokenizer has no end-of-text "
+                             "token to pad after")
         if weights is not None:
-            self._load_text_weights(model, weights, model_name)
+            self._load_text_weights(model, weights, name)
         model.requires_grad_(False)
         self.model = model.eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
         self.layer = layer
         self.pooled = pooled
+        self.pad_token_id = pad_token_id
         self.context_dim = tower.transformer.width
-        self.y_dim = self._pool(self.tokenizer([""])).shape[-1] if pooled else None
+        self.y_dim = self._pool(self._tokenize([""])).shape[-1] if pooled else None
 
     @staticmethod
     def _load_text_weights(model: nn.Module, path: str, model_name: str) -> None:
@@ -228,9 +281,19 @@ class OpenCLIPTextConditioner(Conditioner):
         self.model.eval()  # frozen: no dropout, whatever the surrounding module's mode
         return self
 
+    def _tokenize(self, captions: list[str]) -> Tensor:
+        tokens = self.tokenizer(captions)  # [B, L]: start, caption, end-of-text, zeros
+        if self.pad_token_id != 0:
+            # "!" has id 0 too, so only what follows the first end-of-text token is padding.
+            eot = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1, keepdim=True)  # [B, 1]
+            after = torch.arange(tokens.shape[1]) > eot  # [B, L]
+            tokens = tokens.masked_fill(after, self.pad_token_id)
+        return tokens
+
     @torch.no_grad()
     def _pool(self, tokens: Tensor) -> Tensor:
-        return self.model.encode_text(tokens.to(self._device()))
+        encode = getattr(self.model, "encode_text", self.model)  # a CLIP model, or a bare tower that pools itself
+        return encode(tokens.to(self._device()))
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -238,7 +301,7 @@ class OpenCLIPTextConditioner(Conditioner):
     @torch.no_grad()
     def _encode_captions(self, captions: list[str]) -> Cond:
         tower = getattr(self.model, "text", self.model)
-        tokens = self.tokenizer(captions).to(self._device())  # [B, L]
+        tokens = self._tokenize(captions).to(self._device())  # [B, L]
         x = tower.token_embedding(tokens) + tower.positional_embedding
         blocks = tower.transformer.resblocks
         stop = len(blocks) - 1 if self.layer == "penultimate" else len(blocks)

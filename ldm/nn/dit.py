@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.nn.attention import Attention
-from ldm.nn.embeddings import TimestepEmbedder, check_conditioning, sincos_pos_embed_2d
+from ldm.nn.embeddings import TimestepEmbedder, check_conditioning, concat_condition, sincos_pos_embed_2d
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -70,7 +70,8 @@ class DiT(nn.Module):
 
     net(x_in [B, C, H, W], c_noise [B], context [B, L, context_dim] | None, y [B, y_dim] | None) -> [B, C_out, H, W].
     y (e.g. a class embedding) is projected and added to the noise-level embedding; context (text tokens)
-    is cross-attended in every block. The position embedding is fixed and built for the input's grid.
+    is cross-attended in every block; concat [B, concat_channels, H, W] (an image-shaped condition) is patchified
+    together with x_in. The position embedding is fixed and built for the input's grid.
     """
 
     def __init__(
@@ -85,14 +86,17 @@ class DiT(nn.Module):
         context_dim: int | None = None,
         y_dim: int | None = None,
         gradient_checkpointing: bool = False,
+        concat_channels: int = 0,
     ):
         super().__init__()
-        self.patch_size = patch_size
+        if concat_channels < 0:
+            raise ValueError(f"concat_channels must be >= 0, got {concat_channels}")
+        self.patch_size, self.concat_channels = patch_size, concat_channels
         self.out_channels = in_channels if out_channels is None else out_channels
         self.context_dim, self.y_dim = context_dim, y_dim
         self.gradient_checkpointing = gradient_checkpointing
 
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.x_embedder = nn.Conv2d(in_channels + concat_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_dim=256)
         self.y_embedder = nn.Linear(y_dim, hidden_size) if y_dim is not None else None
         self.blocks = nn.ModuleList(
@@ -122,12 +126,13 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, y: Tensor | None = None,
+                concat: Tensor | None = None) -> Tensor:
         check_conditioning(context, y, self.context_dim, self.y_dim, x.shape[0])
         p = self.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"DiT input height and width must be multiples of patch_size={p}, got {x.shape[-2:]}")
-        x = self.x_embedder(x)  # [B, D, H/p, W/p]
+        x = self.x_embedder(concat_condition(x, concat, self.concat_channels))  # [B, D, H/p, W/p]
         grid_h, grid_w = x.shape[-2:]
         x = rearrange(x, "b d h w -> b (h w) d")
         x = x + sincos_pos_embed_2d(x.shape[-1], grid_h, grid_w, device=x.device).to(x.dtype)

@@ -107,3 +107,20 @@ def check_conditioning(
         raise ValueError(f"context must be [{batch_size}, L, {context_dim}], got {tuple(context.shape)}")
     if y is not None and y.shape != (batch_size, y_dim):
         raise ValueError(f"y must be [{batch_size}, {y_dim}], got {tuple(y.shape)}")
+
+
+def concat_condition(x: Tensor, concat: Tensor | None, concat_channels: int) -> Tensor:
+    """Concatenation conditioning (LDM, Rombach et al. 2022, Sec. 3.3): x [B, C, H, W] and an image-shaped
+    condition [B, concat_channels, H, W] (masked-image latent + mask, low-res image, embedded map) as one input."""
+    if (concat is None) != (concat_channels == 0):
+        raise ValueError(
+            f"backbone built with concat_channels={concat_channels} but got concat="
+            f"{None if concat is None else tuple(concat.shape)}; set the backbone's concat_channels to the "
+            "conditioner's (conditioner.dims['concat_channels'])"
+        )
+    if concat is None:
+        return x
+    want = (x.shape[0], concat_channels, *x.shape[2:])
+    if tuple(concat.shape) != want:
+        raise ValueError(f"concat must be {list(want)} (batch, concat_channels, latent size), got {list(concat.shape)}")
+    return torch.cat([x, concat.to(x.dtype)], dim=1)

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.nn.attention import SpatialTransformer
 from ldm.nn.autoencoder import Upsample
-from ldm.nn.embeddings import MLPEmbedder, TimestepEmbedder, check_conditioning
+from ldm.nn.embeddings import MLPEmbedder, TimestepEmbedder, check_conditioning, concat_condition
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -75,10 +75,12 @@ class EmbedSequential(nn.Sequential):
 class UNet(nn.Module):
     """Diffusion UNet with ResNet blocks and cross-attention SpatialTransformers (LDM / Stable Diffusion).
 
-    net(x_in [B, C, H, W], c_noise [B], context [B, L, context_dim] | None, y [B, y_dim] | None) -> [B, C_out, H, W].
-    attention_resolutions are downsampling factors (1 = full resolution) at which a SpatialTransformer
-    follows each ResBlock. Set exactly one of num_heads (fixed head count, SD1) or head_dim (fixed channels
-    per head, SD2). All channel counts must be multiples of 32 (GroupNorm with 32 groups).
+    net(x_in [B, C, H, W], c_noise [B], context [B, L, context_dim] | None, y [B, y_dim] | None,
+    concat [B, concat_channels, H, W] | None) -> [B, C_out, H, W]. concat (inpainting, super-resolution, layout)
+    joins x_in before the first convolution, so in_channels stays the latent's (SD's 9-channel inpainting UNet:
+    in_channels 4, concat_channels 5). attention_resolutions are downsampling factors (1 = full resolution) at
+    which a SpatialTransformer follows each ResBlock. Set exactly one of num_heads (fixed head count, SD1) or
+    head_dim (fixed channels per head, SD2). All channel counts must be multiples of 32 (GroupNorm with 32 groups).
     """
 
     def __init__(
@@ -96,11 +98,14 @@ class UNet(nn.Module):
         y_dim: int | None = None,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        concat_channels: int = 0,
     ):
         super().__init__()
         if (num_heads is None) == (head_dim is None):
             raise ValueError(f"set exactly one of num_heads and head_dim, got {num_heads=} and {head_dim=}")
-        self.context_dim, self.y_dim = context_dim, y_dim
+        if concat_channels < 0:
+            raise ValueError(f"concat_channels must be >= 0, got {concat_channels}")
+        self.context_dim, self.y_dim, self.concat_channels = context_dim, y_dim, concat_channels
         self.gradient_checkpointing = gradient_checkpointing
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         out_channels = in_channels if out_channels is None else out_channels
@@ -115,7 +120,8 @@ class UNet(nn.Module):
         self.y_embed = MLPEmbedder(y_dim, emb_dim) if y_dim is not None else None
 
         # Encoder: each entry's output is kept as a skip connection for the decoder.
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([EmbedSequential(
+            nn.Conv2d(in_channels + concat_channels, model_channels, 3, padding=1))])
         skip_channels = [model_channels]
         ch, factor = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -156,7 +162,8 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
-    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, y: Tensor | None = None,
+                concat: Tensor | None = None) -> Tensor:
         check_conditioning(context, y, self.context_dim, self.y_dim, x.shape[0])
         if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
             raise ValueError(
@@ -167,7 +174,7 @@ class UNet(nn.Module):
             emb = emb + self.y_embed(y)
 
         skips = []
-        h = x
+        h = concat_condition(x, concat, self.concat_channels)
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)

@@ -5,6 +5,7 @@ other ranks), torchrun, srun (sbatch or submitit). All ranks address the same ru
 """
 import signal
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -14,16 +15,23 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.callbacks.configured_hyperparameters import ConfiguredHyperparameters
 from ldm.callbacks.checkpoints import checkpoint_callbacks
 from ldm.callbacks.finite_loss import FiniteLoss
+from ldm.callbacks.init_source import InitSource
 from ldm.callbacks.run_metrics import RunMetrics
 from ldm.callbacks.slurm_requeue import SlurmRequeue, slurm_job_id
 from ldm.callbacks.startup_summary import StartupSummary
 from ldm.callbacks.step_progress import StepProgress
 from ldm.callbacks.stop_on_signal import StopOnSignal
 from ldm.callbacks.store_config import StoreConfig
+from ldm.callbacks.throughput import Throughput
 from ldm.data.latents import LatentDataModule
 from ldm.models.first_stage import first_stage_hash
+from ldm.interop.build import IMPORTED_MARKER
+from ldm.interop.init_from import init_from_checkpoint, init_record
+from ldm.models.trainable import apply_trainable
+from ldm.utils.checkpoint import read_checkpoint
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 from ldm.utils.dist_env import dist_env
+from ldm.utils.errors import ConfigError, missing_file
 from ldm.utils.known_noise import silence_known_noise
 from ldm.utils.rundir import (
     LAST, checkpoint_dir, persistent_run_id, remove_temp_files, resume_checkpoint, save_run_config,
@@ -52,6 +60,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.
     else:
         callbacks.append(StopOnSignal())
     callbacks.append(FiniteLoss(cfg.get("finite_check_every_n_steps", 1)))
+    # before RunMetrics, which records what Throughput logs at the same step
+    callbacks.append(Throughput(cfg.trainer.log_every_n_steps, cfg.get("flops_per_batch")))
     callbacks.append(RunMetrics(run_dir, every_n_steps=cfg.trainer.log_every_n_steps))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgress(every_n_steps=cfg.trainer.log_every_n_steps))
@@ -79,6 +89,32 @@ def check_latent_cache(model: L.LightningModule, datamodule: L.LightningDataModu
         datamodule.check_first_stage(first_stage_hash(first_stage))
 
 
+def prepare_finetune(cfg: DictConfig, model: L.LightningModule, resuming: bool) -> dict[str, str] | None:
+    """`init_from` (a new run only: a resume continues from its own checkpoint) and `trainable` (every start, so a
+    resume freezes the same); returns the record of the init source, None if there is none."""
+    record, say = None, dist_env().rank == 0
+    if cfg.get("init_from") and not resuming:
+        path = str(cfg.init_from)
+        if not Path(path).exists():
+            raise missing_file(path, "init_from", "checkpoint to start from")
+        used = init_from_checkpoint(model, read_checkpoint(path), cfg.get("init_from_weights", "ema"), path)
+        norm = getattr(model, "latent_norm", None)
+        if norm is not None:  # the source's network learned its latents' scale: the new cache's stats do not apply
+            model.keep_latent_norm = True
+        if say:  # rank 0 writes the checkpoints: it alone hashes the source
+            record = init_record(path, used)
+            print(f"[fit] init_from     {path} ({used} weights, sha256 {record['sha256'][:12]}): step 0, fresh "
+                  f"optimizer", flush=True)
+            if norm is not None:
+                print(f"[fit] latent norm   the source's (scale {norm.scale.flatten().tolist()}, shift "
+                      f"{norm.shift.flatten().tolist()}), not the data's", flush=True)
+    if cfg.get("trainable") is not None:
+        trained, total = apply_trainable(model, cfg.trainable)
+        if say:
+            print(f"[fit] trainable     {trained:,} of {total:,} parameters ({', '.join(cfg.trainable)})", flush=True)
+    return record
+
+
 def run(cfg: DictConfig) -> L.Trainer:
     allow_targets(cfg.security.allow)  # the user's own additions to the allow-list of targets
     silence_known_noise()
@@ -93,6 +129,12 @@ def run(cfg: DictConfig) -> L.Trainer:
 
 
 def _fit(cfg: DictConfig) -> L.Trainer:
+    if (Path(cfg.paths.run_dir) / IMPORTED_MARKER).is_file():
+        raise ConfigError(
+            f"{cfg.paths.run_dir} holds imported weights (task=import), not a training run to resume: fine-tune them "
+            f"in a new run, e.g. name={cfg.name}_ft first_stage_name={cfg.first_stage_name} "
+            f"init_from={Path(cfg.paths.run_dir) / 'checkpoints' / LAST}"
+        )
     ckpt_path = resume_checkpoint(cfg.paths.run_dir, cfg.resume)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     changes = check_resume_config(cfg.paths.run_dir, resolved, ckpt_path, cfg.resume_force) if ckpt_path else {}
@@ -101,8 +143,9 @@ def _fit(cfg: DictConfig) -> L.Trainer:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = safe_instantiate(cfg.data, stored=False, where="data")
     model = safe_instantiate(cfg.model, stored=False, where="model")
+    init = prepare_finetune(cfg, model, resuming=ckpt_path is not None)  # before the cache check: its first stage
     check_latent_cache(model, datamodule)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, [InitSource(init)])
     if trainer.is_global_zero:  # once the Trainer exists its rank is right under every launcher
         record_changes(cfg.paths.run_dir, changes, ckpt_path)
         save_run_config(cfg, cfg.paths.run_dir)

@@ -8,6 +8,8 @@ WARNINGS = (
     ("The number of training batches .* is smaller than the logging interval", "step-based runs log by step"),
     ("`isinstance\\(treespec, LeafSpec\\)` is deprecated", "inside Lightning, not ours to fix"),
     ("Importing from timm.models.layers is deprecated", "open_clip < 2.27 imports it so; not ours to fix"),
+    ("Using `torch.compile\\(module\\)` when there are global hooks",
+     "FlopCounterMode's module hooks while Throughput counts the first batch's FLOPs: it counts operators, not hooks"),
 )
 LOG_RECORDS = (
     ("`weights_only` was not set", "Lightning's note when it writes a full checkpoint (ours always are)"),

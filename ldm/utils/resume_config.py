@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from ldm.utils.atomic import atomic_write_yaml
 from ldm.utils.errors import ConfigError
 
-IDENTITY = ("model.", "data.", "seed")  # what the run is
+IDENTITY = ("model.", "data.", "seed", "init_from", "trainable")  # what the run is, where it started, what trains
 OPTIMISATION = {  # leaf names inside model/data that a resume may change
     "lr", "betas", "weight_decay", "warmup_steps", "lr_schedule", "scale_lr", "base_batch_size", "ema_decay",
     "disc_lr", "grad_clip", "compile", "batch_size", "num_workers", "verify", "cfg_dropout_prob",

@@ -21,6 +21,8 @@ ALLOWED_TARGETS = frozenset({
     # ours
     "ldm.callbacks.image_grid.ImageGrid",
     "ldm.callbacks.periodic_eval.PeriodicEval",
+    "ldm.data.condition_inputs.LowRes",
+    "ldm.data.condition_inputs.RandomMasks",
     "ldm.data.datamodule.ImageDataModule",
     "ldm.data.digits.DigitsDataset",
     "ldm.data.image_folder.ImageFolderDataset",
@@ -31,6 +33,7 @@ ALLOWED_TARGETS = frozenset({
     "ldm.diffusion.formulations.FlowFormulation",
     "ldm.diffusion.formulations.VPFormulation",
     "ldm.eval.clip_score.CLIPScore",
+    "ldm.eval.dinov2.dinov2_features",
     "ldm.eval.inception.InceptionFeatures",
     "ldm.eval.reference_suite.ReferenceSuite",
     "ldm.eval.suites.DigitsSuite",
@@ -48,6 +51,11 @@ ALLOWED_TARGETS = frozenset({
     "ldm.nn.conditioners.Unconditional",
     "ldm.nn.discriminator.NLayerDiscriminator",
     "ldm.nn.dit.DiT",
+    "ldm.nn.image_conditions.ConcatConditioner",
+    "ldm.nn.image_conditions.LowResImage",
+    "ldm.nn.image_conditions.MaskedImage",
+    "ldm.nn.image_conditions.SemanticMap",
+    "ldm.nn.lora.LoRA",
     "ldm.nn.lpips.LPIPS",
     "ldm.nn.unet.UNet",
     # the few library classes the configs build

@@ -209,6 +209,22 @@ def test_latent_scale_and_shift_come_from_the_cache(tiny_runs):
     torch.testing.assert_close(module.latent_norm.unnormalize(z), data.train.norm.unnormalize(z))
 
 
+def test_on_the_fly_latents_take_the_first_stage_scaling_factor_or_stop():
+    """model.latent_scale=null while encoding images: an imported SD first stage gives its 0.18215; ours has none,
+    which is a one-line error naming the key instead of a silent scale of 1."""
+    from types import SimpleNamespace
+
+    from ldm.models.latent_diffusion import on_the_fly_norm
+    from ldm.nn.autoencoder import AutoencoderKL
+    from ldm.utils.errors import ConfigError
+
+    sd = SimpleNamespace(net=AutoencoderKL(ch=32, ch_mult=(1,), num_res_blocks=1, scaling_factor=0.18215))
+    scale, shift = on_the_fly_norm(sd, 4)
+    assert torch.equal(scale, torch.full((4,), 0.18215)) and torch.equal(shift, torch.zeros(4))
+    with pytest.raises(ConfigError, match="model.latent_scale"):
+        on_the_fly_norm(SimpleNamespace(net=AutoencoderKL(ch=32, ch_mult=(1,), num_res_blocks=1)), 4)
+
+
 def test_training_grids_use_the_shared_sampling_settings(tiny_runs):
     """The image_grid callback drew sampling.prompts (rows) x sampling.seeds (columns) with sampling.steps."""
     module = tiny_runs.ldm_trainer.lightning_module.eval()

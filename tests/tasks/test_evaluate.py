@@ -104,7 +104,7 @@ def test_evaluate_against_a_reference_folder_writes_metrics_and_protocol(tiny_ru
     assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and row["fid"] > 0
     assert (row["ckpt_sha256"], row["weights"], row["sampler"], row["steps"], row["seeds"], row["n"]) == (
         sha256_path(tiny_runs.ldm_ckpt), "ema", "euler", 2, "0..5", 6)
-    assert row["resize"] == "tf1-bilinear-299" and row["feature_extractor"].startswith("inception-v3-2048-")
+    assert row["resize"] == "clean-pil-bicubic-299" and row["feature_extractor"].startswith("inception-v3-2048-")
     assert row["extractor_clip"] == f"{tiny_clip}/None" and row["n_reference"] == 8
     assert len(list((tmp_path / "stats").glob("reference-*.npz"))) == 1  # computed once, cached
 

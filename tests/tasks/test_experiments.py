@@ -24,7 +24,16 @@ TASKS = {
     "shapes_txt2img_dit": ("fit", "sample", "evaluate"),
     "digits_class2img": ("fit", "sample", "evaluate"),
     "txt2img": ("fit", "sample", "evaluate"),
+    "shapes_inpaint": ("fit", "sample"),  # sample: task.images + task.masks; numbers: scripts/image_tasks.py
+    "shapes_sr": ("fit", "sample"),
+    "shapes_layout": ("fit", "sample"),
+    # Stable Diffusion imports: tests/interop/test_interop_pipeline.py runs them on tiny diffusers pipelines
+    "sd_vae": ("import", "cache_latents", "export"),
+    "sd2_base": ("import", "sample", "cache_latents", "fit", "export"),
+    "sd2_v": ("import", "sample"),
+    "sd15": ("import", "sample"),
 }
+INTEROP = ("sd_vae", "sd2_base", "sd2_v", "sd15")
 FIT_STEPS = 2
 TINY_DIGITS_AE = ["model.net.ch=8", *QUIET, "trainer.limit_val_batches=1"]  # 32 px, f = 4: latents [4, 8, 8]
 TINY_F8 = ["model.net.ch=8", "model.net.ch_mult=[1,1,2,2]", "data.resolution=32", "data.batch_size=4",
@@ -82,6 +91,10 @@ def runs(root, image_folder, shapes_feature_weights, tiny_clip, inception_weight
                     "eval.clip.pretrained=null", f"eval.stats_dir={root / 'reference_stats'}", "eval.kid_subsets=5",
                     "eval.is_splits=2", "eval.num_samples=4", "callbacks.periodic_eval.num_samples=4"],
     }
+    # image-conditioned: 16 px on the tiny f = 2 first stage, latents [4, 8, 8] as the experiments say
+    tiny_image = [*TINY_UNET, "data.resolution=16", "data.train.size=64", "data.val.size=16"]
+    tiny.update({"shapes_inpaint": tiny_image, "shapes_sr": tiny_image,
+                 "shapes_layout": [*tiny_image, "model.conditioner.image.downsample_factor=2"]})
     # TINY_LDM drops the periodic evaluation and the progress bar: keep both, as users run them (small)
     ldm_fit = [o for o in TINY_LDM if "periodic_eval" not in o and "enable_progress_bar" not in o]
 
@@ -91,7 +104,7 @@ def runs(root, image_folder, shapes_feature_weights, tiny_clip, inception_weight
         if task == "fit":
             extra = [f"trainer.max_steps={FIT_STEPS}", f"trainer.val_check_interval={FIT_STEPS}",
                      f"checkpoint_every_n_steps={FIT_STEPS}"]
-            if name in LATENT_DIFFUSION:
+            if name in LATENT_DIFFUSION or name in IMAGE_TASKS:
                 extra += ldm_fit + (SMALL_PERIODIC_EVAL if name in WITH_PERIODIC_EVAL else [])
         elif task == "cache_latents":
             extra = ["task=cache_latents", "task.num_workers=0", "task.progress=false"]
@@ -105,6 +118,7 @@ def runs(root, image_folder, shapes_feature_weights, tiny_clip, inception_weight
 
 
 LATENT_DIFFUSION = ("shapes_txt2img", "shapes_txt2img_dit", "digits_class2img", "txt2img")
+IMAGE_TASKS = ("shapes_inpaint", "shapes_sr", "shapes_layout")
 WITH_PERIODIC_EVAL = ("shapes_txt2img", "shapes_txt2img_dit", "digits_class2img", "txt2img")
 FIRST_STAGE = {"shapes_txt2img": "shapes_autoencoder", "shapes_txt2img_dit": "shapes_autoencoder",
                "digits_class2img": "digits_autoencoder", "txt2img": "autoencoder_kl_f8"}
@@ -129,7 +143,7 @@ def _check_fit(trainer, run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in LATENT_DIFFUSION])
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in LATENT_DIFFUSION + IMAGE_TASKS + INTEROP])
 def test_autoencoder_experiment_fits_and_caches(name, root, first_stage):
     made = first_stage(name)
     _check_fit(made["trainer"], root / "experiments" / name)
@@ -187,7 +201,7 @@ def test_txt2img_composes_without_its_reference_set_and_evaluating_names_the_mis
     cfg = compose_run("txt2img", [f"paths.root_dir={tmp_path}", "task=evaluate"])
     assert cfg.eval._target_ == "ldm.eval.reference_suite.ReferenceSuite"
     assert cfg.callbacks.periodic_eval.num_samples < cfg.eval.num_samples  # the small n while training
-    with pytest.raises(MissingMandatoryValue, match="eval.prompts_file"):
+    with pytest.raises(MissingMandatoryValue, match="eval.reference_dir"):
         evaluate.run(cfg)
     cfg = compose_run("txt2img", [
         f"paths.root_dir={tmp_path}", "task=evaluate", "eval.prompts_file=/no/prompts.txt",
@@ -197,3 +211,39 @@ def test_txt2img_composes_without_its_reference_set_and_evaluating_names_the_mis
     line = cli.task_error_line(raised.value, cli.clear_cause(raised.value, (FileNotFoundError,)))
     assert line.startswith("prompts file not found: '/no/prompts.txt'. Set the config key `eval.prompts_file`")
     assert "\n" not in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", IMAGE_TASKS)
+def test_image_task_experiment_fits_and_samples_from_conditioning_images(name, root, runs, first_stage):
+    """Fit on images encoded on the fly (inputs made per batch), then task=sample from a folder of conditioning
+    images (and masks): one output per image and seed, and a grid with the inputs beside the outputs."""
+    first_stage("shapes_autoencoder")
+    _check_fit(runs(name, "fit"), root / "experiments" / name)
+    # the training grid: each validation image, then one sample per seed from its condition
+    assert (root / "experiments" / name / "samples" / f"samples-step{FIT_STEPS:08d}.png").is_file()
+    folder = root / f"{name}_inputs"
+    folder.mkdir(exist_ok=True)
+    side = 4 if name == "shapes_sr" else 16  # super-resolution's inputs are the low-res pictures
+    for i, item in enumerate(ShapesDataset(size=3, resolution=side, seed=9)):
+        pixels = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    overrides = [f"task.images={folder}", "sampling.seeds=[0,1]"]
+    if name == "shapes_inpaint":
+        masks = root / "masks"
+        masks.mkdir(exist_ok=True)
+        for i in range(3):
+            pixels = torch.zeros(16, 16, dtype=torch.uint8)
+            pixels[4:12, 2 + i : 10 + i] = 255
+            Image.fromarray(pixels.numpy()).save(masks / f"{i}.png")
+        overrides.append(f"task.masks={masks}")
+    out_dir = runs(name, "sample", *overrides)
+    records = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 2 and all((out_dir / r["file"]).is_file() for r in records)  # 3 images x 2 seeds
+    assert Image.open(out_dir / records[0]["file"]).size == (16, 16)
+    grid = Image.open(out_dir / "grid.png")
+    assert grid.width > grid.height  # input + 2 seeds per row, 3 rows
+    if name == "shapes_inpaint":  # the same masks with the known region imposed at every step (training-free path)
+        free = runs(name, "sample", *overrides, "task.training_free=true", "task.tag=free")
+        records = [json.loads(line) for line in (free / "samples.jsonl").read_text().splitlines()]
+        assert len(records) == 6 and all(r["training_free"] for r in records) and (free / "grid.png").is_file()

@@ -40,6 +40,11 @@ def _npy(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype="<f2", count=math.prod(shape), offset=offset).reshape(shape).copy())
 
 
+def first_stage_scaling_factor(first_stage_config: dict | None) -> float | None:
+    """The scaling factor recorded with the cache's first stage (model.net.scaling_factor of imported SD weights)."""
+    return ((first_stage_config or {}).get("net") or {}).get("scaling_factor")
+
+
 class LatentDataset(Dataset):
     """Cached posteriors: item i gives a fresh, scaled latent sample z with its caption, label and key.
 
@@ -50,7 +55,7 @@ class LatentDataset(Dataset):
     def __init__(
         self,
         path: str | Path,
-        scale: str | float = "per_channel",
+        scale: str | float = "auto",
         flip: bool = True,
         verify: bool = False,
         expected_first_stage_hash: str | None = None,
@@ -67,7 +72,8 @@ class LatentDataset(Dataset):
         self.skipped = SkipCounter("latent record")
         self.members = self.manifest["members"]
         self.latent_shape = tuple(self.manifest["latent_shape"])
-        self.norm = LatentNorm.from_stats(self.manifest["stats"], scale, self.latent_shape[0])
+        self.norm = LatentNorm.from_stats(self.manifest["stats"], scale, self.latent_shape[0],
+                                          first_stage_scaling_factor(self.manifest["first_stage"]["config"]))
         self.shard_paths = [self.path / s["name"] for s in self.manifest["shards"]]
         check_shards(self.path, self.manifest["shards"], check_sha256=verify)
         self._build_index()

@@ -1,0 +1,1 @@
+"""Interop with Stable Diffusion and diffusers formats: key-mapping tables between their tensors and ours."""
