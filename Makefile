@@ -21,10 +21,10 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/python main.py +experiment=shapes_autoencoder
 	$(BIN)/python main.py +experiment=shapes_autoencoder task=cache_latents
-	$(BIN)/python main.py +experiment=shapes_txt2img
-	$(BIN)/python main.py +experiment=shapes_txt2img task=sample
-	$(BIN)/python main.py +experiment=shapes_txt2img task=sample task.grid=sampler_x_steps
-	$(BIN)/python main.py +experiment=shapes_txt2img task=evaluate
+	$(BIN)/python main.py +experiment=shapes_txt2img_dit
+	$(BIN)/python main.py +experiment=shapes_txt2img_dit task=sample
+	$(BIN)/python main.py +experiment=shapes_txt2img_dit task=sample task.grid=sampler_x_steps
+	$(BIN)/python main.py +experiment=shapes_txt2img_dit task=evaluate
 
 # Class-conditional pipeline on scikit-learn's real digits, same stages as the demo.
 digits: venv

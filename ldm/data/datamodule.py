@@ -10,14 +10,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ldm.data.condition_inputs import collate_with_inputs
 from ldm.data.skips import KeptLoader, collate_kept
 from ldm.data.stream_loader import StreamLoader
+from ldm.utils.errors import ConfigError
 
 
 class ImageDataModule(L.LightningDataModule):
     """Train/val loaders: map-style datasets are shuffled, streaming (iterable) ones shard themselves per rank.
 
-    `resolution`, `root`, `urls` and the stream filters (`min_size`, `max_aspect`, `empty_caption`) are the config's
-    top-level data knobs; the datasets were built from them, and they are kept here only so that callers can read
-    them (e.g. `datamodule.resolution`). `inputs`: condition inputs made from each collated batch (inpainting
+    `resolution`, `root`, `urls`, the stream filters (`min_size`, `max_aspect`, `empty_caption`) and `buckets` are the
+    config's top-level data knobs; the datasets were built from them, and they are kept here only so that callers can
+    read them (e.g. `datamodule.resolution`). `inputs`: condition inputs made from each collated batch (inpainting
     masks, super-resolution's low-res image: ldm/data/condition_inputs.py), whatever the dataset.
     """
 
@@ -35,6 +36,7 @@ class ImageDataModule(L.LightningDataModule):
         min_size: int | None = None,
         max_aspect: float | None = None,
         empty_caption: str | None = None,
+        buckets: Sequence[Sequence[int]] | None = None,
         inputs: Sequence[Callable[[dict], dict]] = (),
     ):
         super().__init__()
@@ -46,6 +48,7 @@ class ImageDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.resolution, self.root, self.urls = resolution, root, urls
         self.min_size, self.max_aspect, self.empty_caption = min_size, max_aspect, empty_caption
+        self.buckets = buckets
         self.inputs = tuple(inputs)
 
     def setup(self, stage: str) -> None:
@@ -59,6 +62,11 @@ class ImageDataModule(L.LightningDataModule):
                 set_rank(self.trainer.global_rank, self.trainer.world_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        if getattr(getattr(dataset, "preprocess", None), "buckets", None) is not None:
+            raise ConfigError(
+                "data.buckets is applied by task=cache_latents: train on the cache (data=stream_latents), whose "
+                "reader draws each batch from one bucket; streamed images in a batch must share one size (buckets=null)"
+            )
         # a streaming training set is numbered pass by pass (StreamLoader), so a resumed run draws new samples;
         # a map-style one may return skip markers for corrupt files (skips.py), which never reach the model
         loader = StreamLoader if train and hasattr(dataset, "set_epoch") else KeptLoader

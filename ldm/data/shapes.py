@@ -30,6 +30,17 @@ SUPERSAMPLE = 4  # render at 4x and box-filter down: anti-aliased edges
 MAX_PLACEMENT_TRIES = 1000
 LAYOUT_CLASSES = 1 + len(COLORS)  # semantic map classes: background, then one per colour (render_layout)
 
+# Colour x shape x position triples never drawn for training (`combinations="seen"`) and kept for evaluation
+# (`combinations="held_out"`): does the model compose the grammar or memorise the scenes? Every colour, shape and
+# position, and every pair of them, is still seen in training; only these 10 of the 90 triples are new.
+HELD_OUT = frozenset({
+    ("red", "circle", "top right"), ("red", "triangle", "bottom left"), ("green", "square", "center"),
+    ("blue", "circle", "bottom right"), ("blue", "square", "top left"), ("yellow", "triangle", "top left"),
+    ("purple", "square", "bottom left"), ("purple", "circle", "center"), ("white", "triangle", "top right"),
+    ("white", "square", "bottom right"),
+})
+COMBINATIONS = ("all", "seen", "held_out")
+
 
 @dataclass(frozen=True)
 class ShapeObject:
@@ -47,6 +58,10 @@ class ShapeObject:
         r = self.diameter / 2
         return self.x - r, self.y - r, self.x + r, self.y + r
 
+    @property
+    def held_out(self) -> bool:
+        return (COLORS[self.color], SHAPES[self.shape], POSITIONS[self.position]) in HELD_OUT
+
     def phrase(self) -> str:
         return f"a {SIZES[self.size]} {COLORS[self.color]} {SHAPES[self.shape]} in the {POSITIONS[self.position]}"
 
@@ -57,10 +72,21 @@ def _overlap(a: ShapeObject, b: ShapeObject) -> bool:
     return ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1
 
 
-def sample_attributes(rng: np.random.Generator, num_objects: int = 1) -> list[ShapeObject]:
-    """Draw a scene: attributes, jittered sizes, then distinct positions redrawn until boxes are disjoint."""
+def sample_attributes(rng: np.random.Generator, num_objects: int = 1, combinations: str = "all") -> list[ShapeObject]:
+    """Draw a scene: attributes, jittered sizes, then distinct positions redrawn until boxes are disjoint; with
+    combinations="seen" / "held_out", the whole scene is redrawn until no / every object's triple is in HELD_OUT."""
     if num_objects not in (1, 2):
         raise ValueError(f"num_objects must be 1 or 2, got {num_objects}")
+    if combinations not in COMBINATIONS:
+        raise ValueError(f"combinations must be one of {COMBINATIONS}, got {combinations!r}")
+    while True:  # redraw whole scenes: "seen" keeps 89% of them, "held_out" 11% (1.2% with two objects)
+        objects = _scene(rng, num_objects)
+        held = [obj.held_out for obj in objects]
+        if combinations == "all" or (all(held) if combinations == "held_out" else not any(held)):
+            return objects
+
+
+def _scene(rng: np.random.Generator, num_objects: int) -> list[ShapeObject]:
     colors = rng.integers(len(COLORS), size=num_objects)
     shapes = rng.integers(len(SHAPES), size=num_objects)
     sizes = rng.integers(len(SIZES), size=num_objects)
@@ -123,15 +149,19 @@ def render_layout(objects: list[ShapeObject], resolution: int) -> np.ndarray:
 
 class ShapesDataset(Dataset):
     """Procedural shapes scenes, deterministic per (seed, index): image, caption and attribute indices; with
-    `layout`, also the semantic map (render_layout) for layout-to-image."""
+    `layout`, also the semantic map (render_layout) for layout-to-image. `combinations` "seen" leaves out the HELD_OUT
+    colour x shape x position triples (training), "held_out" draws only those (evaluation), "all" draws any."""
 
-    def __init__(self, size: int, resolution: int = 32, num_objects: int = 1, seed: int = 0, layout: bool = False):
+    def __init__(self, size: int, resolution: int = 32, num_objects: int = 1, seed: int = 0, layout: bool = False,
+                 combinations: str = "all"):
         if size <= 0 or resolution <= 0 or seed < 0:
             raise ValueError(f"need size > 0, resolution > 0, seed >= 0; got {size=}, {resolution=}, {seed=}")
         if num_objects not in (1, 2):
             raise ValueError(f"num_objects must be 1 or 2, got {num_objects}")
         self.size, self.resolution, self.num_objects, self.seed = size, resolution, num_objects, seed
-        self.layout = layout
+        if combinations not in COMBINATIONS:
+            raise ValueError(f"combinations must be one of {COMBINATIONS}, got {combinations!r}")
+        self.layout, self.combinations = layout, combinations
         self._rendered = self._done = None  # filled lazily by _pixels
 
     def __len__(self) -> int:
@@ -141,7 +171,7 @@ class ShapesDataset(Dataset):
         """The objects of item `index`, from a generator seeded by (seed, index) alone."""
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for ShapesDataset of size {self.size}")
-        return sample_attributes(np.random.default_rng([self.seed, index]), self.num_objects)
+        return sample_attributes(np.random.default_rng([self.seed, index]), self.num_objects, self.combinations)
 
     def _pixels(self, index: int, objects) -> np.ndarray:
         """Rendered uint8 image, kept after the first render: a scene is a pure function of (seed, index), and

@@ -37,10 +37,11 @@ def square_crop_box(width: int, height: int, crop: str) -> tuple[int, int, int, 
     return left, top, left + side, top + side
 
 
-def crop_and_resize(img: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:
-    """Crop to `box` (left, top, right, bottom), then bicubic resize to resolution x resolution."""
+def crop_and_resize(img: Image.Image, box: tuple[int, int, int, int], size: int | tuple[int, int]) -> Image.Image:
+    """Crop to `box` (left, top, right, bottom), then bicubic resize to size x size, or to (width, height)."""
+    width, height = (size, size) if isinstance(size, int) else size
     # crop first: resize(box=...) would let the filter reach pixels outside the crop
-    return img.crop(box).resize((resolution, resolution), Image.Resampling.BICUBIC)  # antialiased when shrinking
+    return img.crop(box).resize((width, height), Image.Resampling.BICUBIC)  # antialiased when shrinking
 
 
 def prepare_image(img: Image.Image, resolution: int, crop: str = "center", flip: bool = False) -> torch.Tensor:

@@ -121,6 +121,7 @@ class WebImageDataset(IterableDataset):
         min_size: int = 0,
         max_aspect: float | None = None,
         empty_caption: str = "keep",
+        buckets: Sequence[Sequence[int]] | None = None,
     ):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -132,8 +133,9 @@ class WebImageDataset(IterableDataset):
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shards = expand_shards(urls)
         self.resolution, self.crop, self.flip = resolution, crop, flip
-        # the filters (ldm/data/preprocess.py), applied here and by task=cache_latents, which records them in its plan
-        self.preprocess = Preprocess(resolution, min_size, max_aspect, empty_caption)
+        # the filters (ldm/data/preprocess.py), applied here and by task=cache_latents, which records them in its plan;
+        # aspect-ratio buckets only by the cache, whose reader batches one bucket at a time (ImageDataModule refuses them)
+        self.preprocess = Preprocess(resolution, min_size, max_aspect, empty_caption, buckets)
         self.resampled, self.epoch_samples = resampled, epoch_samples
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size = None, None

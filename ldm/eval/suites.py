@@ -5,6 +5,7 @@ A suite is configured per experiment (`eval:`) and used by task=evaluate and the
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from ldm.data.digits import DigitsDataset
 from ldm.data.shapes import ShapesDataset
@@ -22,7 +23,26 @@ def _stack(dataset) -> dict:
         "caption": [it["caption"] for it in items],
         "label": torch.tensor([it["label"] for it in items]),
         "attrs": {k: torch.stack([it["attrs"][k] for it in items]) for k in items[0].get("attrs", {})},
+        "held_out": torch.tensor([it.get("held_out", False) for it in items]),
     }
+
+
+class Interleaved(Dataset):
+    """`seen` and `held_out` scenes spread evenly through one prompt list (items flagged `held_out`), so the first
+    prompts that periodic_eval samples hold both kinds in proportion."""
+
+    def __init__(self, seen: Dataset, held_out: Dataset):
+        n, k = len(seen) + len(held_out), len(held_out)
+        self.order = [(True, i * k // n) if (i + 1) * k // n > i * k // n else (False, i - (i + 1) * k // n)
+                      for i in range(n)]
+        self.seen, self.held_out = seen, held_out
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> dict:
+        held, i = self.order[index]
+        return {**(self.held_out if held else self.seen)[i], "held_out": held}
 
 
 @torch.no_grad()
@@ -34,14 +54,24 @@ def _fid(net, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
 
 
 class ShapesSuite:
-    """Attribute accuracy (direct measurement) against the prompts, plus FID in the shapes feature net's space."""
+    """Attribute accuracy (direct measurement) against the prompts, plus FID in the shapes feature net's space.
+
+    With `held_out_samples`, that many prompts of HELD_OUT colour x shape x position triples (never trained on when
+    the data draws combinations="seen") join the `num_samples` prompts of `combinations`; their accuracies are also
+    reported apart as held_out_acc_* and the others as seen_acc_*: generalisation next to fit."""
 
     name = "shapes"
     fid_metric, alignment_metric = "fid_shapes", "acc_binding"  # the axes of task=evaluate's sweep plots
 
     def __init__(self, num_samples: int = 500, resolution: int = 32, num_objects: int = 1, seed: int = 7,
-                 feature_weights: str = "data/eval/shapes_features.pt"):
-        self.prompts = ShapesDataset(size=num_samples, resolution=resolution, num_objects=num_objects, seed=seed)
+                 feature_weights: str = "data/eval/shapes_features.pt", combinations: str = "all",
+                 held_out_samples: int = 0):
+        self.prompts = ShapesDataset(size=num_samples, resolution=resolution, num_objects=num_objects, seed=seed,
+                                     combinations=combinations)
+        if held_out_samples:
+            self.prompts = Interleaved(self.prompts, ShapesDataset(
+                size=held_out_samples, resolution=resolution, num_objects=num_objects, seed=seed,
+                combinations="held_out"))
         # a second, disjoint real set: FID reference for samples and for the real-vs-real floor
         self.reference = ShapesDataset(size=num_samples, resolution=resolution, num_objects=num_objects, seed=seed + 1)
         self.feature_weights = feature_weights
@@ -59,8 +89,15 @@ class ShapesSuite:
     def score(self, images: torch.Tensor) -> dict[str, float]:
         """Scores images generated for the first len(images) prompts (all of them for task=evaluate)."""
         real, ref, net = self._load()
-        acc = attribute_accuracy(images, {k: v[: len(images)] for k, v in real["attrs"].items()})
-        return {**{f"acc_{k}": v for k, v in acc.items()}, "fid_shapes": _fid(net, images, ref["image"])}
+        targets = {k: v[: len(images)] for k, v in real["attrs"].items()}
+        out = {f"acc_{k}": v for k, v in attribute_accuracy(images, targets).items()}
+        held = real["held_out"][: len(images)]
+        if held.any():
+            for split, rows in (("seen", ~held), ("held_out", held)):
+                if rows.any():
+                    acc = attribute_accuracy(images[rows], {k: v[rows] for k, v in targets.items()})
+                    out.update({f"{split}_acc_{k}": v for k, v in acc.items()})
+        return {**out, "fid_shapes": _fid(net, images, ref["image"])}
 
     def floor(self) -> dict[str, float]:
         """The same metrics for real images of the prompts: what a perfect model would score."""

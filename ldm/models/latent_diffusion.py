@@ -30,6 +30,20 @@ def on_the_fly_norm(first_stage: nn.Module | None, channels: int) -> tuple[torch
     return torch.full((channels,), float(factor)), torch.zeros(channels)
 
 
+def check_latent_sizes(backbone: nn.Module, latent_shapes: list[tuple[int, ...]]) -> None:
+    """Every latent size the data yields (one per aspect-ratio bucket) must suit the backbone: both UNet and DiT take
+    any height and width that are multiples of their downsampling factor or patch size (DiT builds its fixed sin-cos
+    position embedding for each batch's grid), so only those multiples are checked, before the first step."""
+    multiple = getattr(backbone, "downsample_factor", None) or getattr(backbone, "patch_size", 1)
+    bad = [list(shape[-2:]) for shape in latent_shapes if shape[-2] % multiple or shape[-1] % multiple]
+    if bad:
+        raise ConfigError(
+            f"cached latents of sizes {bad} do not fit the backbone {type(backbone).__name__}, which needs heights and "
+            f"widths that are multiples of {multiple}: choose data.buckets (pixels) that are multiples of {multiple} x "
+            "the first stage's downsampling factor when caching"
+        )
+
+
 class LatentDiffusionModule(L.LightningModule):
     """Wires backbone + formulation (the denoiser), conditioner, frozen first stage, EMA and optimiser.
 
@@ -92,6 +106,8 @@ class LatentDiffusionModule(L.LightningModule):
             self.latent_norm.set(dm.norm.scale, dm.norm.shift)
         elif stage == "fit" and self.latent_scale is None and self.first_stage is not None:  # images encoded on the fly
             self.latent_norm.set(*on_the_fly_norm(self.first_stage, self.latent_shape[0]))
+        if isinstance(dm, LatentDataModule) and stage == "fit":  # with buckets, batches come in several sizes
+            check_latent_sizes(self.denoiser.net, dm.latent_shapes)
         if self.compile and stage == "fit":
             self._train_denoiser = [torch.compile(self.denoiser)]
 

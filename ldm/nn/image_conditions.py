@@ -64,9 +64,10 @@ class LowResImage(ImageCondition):
 
 
 class MaskedImage(ImageCondition):
-    """Inpainting (LDM Sec. 4.5; SD's inpainting UNet): the first-stage latent of the masked image (known pixels, 0 =
-    grey in the hole) and the mask's coverage at the latent size: latent_channels + 1 channels. batch['mask']
-    [B, 1, H, W] is 1 where pixels are to be filled. Null: nothing known (a zero latent, mask everywhere)."""
+    """Inpainting (LDM Sec. 4.5; SD's inpainting UNet): the mask's coverage at the latent size, then the first-stage
+    latent of the masked image (known pixels, 0 = grey in the hole): 1 + latent_channels channels, in the order of
+    SD's 9-channel inpainting UNet (latent, mask, masked-image latent), so its imported weights read them right.
+    batch['mask'] [B, 1, H, W] is 1 where pixels are to be filled. Null: nothing known (mask everywhere, zero latent)."""
 
     def __init__(self, latent_channels: int = 4):
         super().__init__()
@@ -88,10 +89,10 @@ class MaskedImage(ImageCondition):
         if latent.shape[1] != self.channels - 1 or tuple(latent.shape[-2:]) != tuple(size):
             raise ValueError(f"masked image latent {tuple(latent.shape)} does not match latent_channels="
                              f"{self.channels - 1} and the latent size {tuple(size)}")
-        return torch.cat([latent.float(), resize_to(self._mask(batch), size)], dim=1)
+        return torch.cat([resize_to(self._mask(batch), size), latent.float()], dim=1)
 
     def null(self, batch_size: int, size: tuple[int, int]) -> Tensor:
-        return torch.cat([torch.zeros(batch_size, self.channels - 1, *size), torch.ones(batch_size, 1, *size)], 1)
+        return torch.cat([torch.ones(batch_size, 1, *size), torch.zeros(batch_size, self.channels - 1, *size)], 1)
 
 
 class SemanticMap(ImageCondition):

@@ -77,10 +77,10 @@ def test_masked_image_condition_asks_the_first_stage_for_the_masked_image():
     assert name == "masked_image" and torch.equal(masked[:, :, 8:], image[:, :, 8:]) and (masked[:, :, :8] == 0).all()
     latent = torch.randn(2, 4, 8, 8)
     out = cond.encode({"mask": mask, "masked_image_latent": latent})["concat"]
-    assert out.shape == (2, 5, 8, 8) and torch.equal(out[:, :4], latent)
-    assert (out[:, 4, :4] == 1).all() and (out[:, 4, 4:] == 0).all()  # the mask at the latent size
+    assert out.shape == (2, 5, 8, 8) and torch.equal(out[:, 1:], latent)  # SD's order: mask first
+    assert (out[:, 0, :4] == 1).all() and (out[:, 0, 4:] == 0).all()  # the mask at the latent size
     null = cond.null(2)["concat"]
-    assert (null[:, :4] == 0).all() and (null[:, 4] == 1).all()  # nothing known
+    assert (null[:, 1:] == 0).all() and (null[:, 0] == 1).all()  # nothing known
     with pytest.raises(ValueError, match="not on cached latents"):
         cond.first_stage_images({"latent": latent, "mask": mask})
 

@@ -26,6 +26,10 @@ stream (the loop, cache_stream_latents), with ldm/data/tar_samples.py and ldm/da
 
 Each sidecar holds an index of its shard (each record's position and json size; tar_index.py), so the reader
 starts in O(shards), never scanning the tars; a cache written before the index is scanned instead.
+
+A stream cache made with aspect-ratio buckets (Preprocess.buckets, ldm/data/buckets.py) records the buckets and each
+bucket's latent shape in its plan, each record's bucket in its json and in its sidecar's index, and the count per bucket
+in each sidecar and the manifest; without buckets none of these keys exist, so such caches are byte-identical to before.
 """
 from ldm.data.latent_cache.encode import CacheResult, cache_latents
 from ldm.data.latent_cache.manifest import read_manifest

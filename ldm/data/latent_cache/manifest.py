@@ -81,6 +81,20 @@ def combine_stats(sidecars: list[dict], channels: int) -> dict:
     }
 
 
+def check_latent_shapes(plan: dict, sidecars: list[dict]) -> None:
+    """Every shard's latents have the plan's shape (with buckets: each bucket's shape, where the shard has any)."""
+    if "buckets" not in plan:
+        shapes = {tuple(s["latent_shape"]) for s in sidecars if s["count"]}
+        if shapes != {tuple(plan["latent_shape"])}:
+            raise ValueError(f"shards disagree on the latent shape: {shapes}, plan says {plan['latent_shape']}")
+        return
+    for s in sidecars:
+        for bucket, (count, shape) in enumerate(zip(s["bucket_counts"], s["latent_shapes"])):
+            if count and shape != plan["latent_shapes"][bucket]:
+                expected = plan["latent_shapes"][bucket]
+                raise ValueError(f"{s['name']}: bucket {bucket} latents {shape}, plan says {expected}")
+
+
 def build_manifest(plan: dict, sidecars: list[dict]) -> dict:
     """The manifest of a complete cache: plan, shards with counts and checksums, skipped inputs, latent stats."""
     skipped = [entry for s in sidecars for entry in s["skipped"]]
@@ -88,13 +102,16 @@ def build_manifest(plan: dict, sidecars: list[dict]) -> dict:
     if num_samples == 0:
         reasons = Counter(e["reason"] for e in skipped)
         raise ValueError(f"every one of the {len(skipped)} inputs was skipped: {dict(reasons)}")
-    shapes = {tuple(s["latent_shape"]) for s in sidecars if s["count"]}
-    if shapes != {tuple(plan["latent_shape"])}:
-        raise ValueError(f"shards disagree on the latent shape: {shapes}, plan says {plan['latent_shape']}")
+    check_latent_shapes(plan, sidecars)
+    shard_keys, per_bucket = ("name", "indices", "count", "bytes", "sha256"), {}
+    if "buckets" in plan:  # the reader's sampler groups batches by bucket: counts per shard and in all
+        shard_keys += ("bucket_counts",)
+        per_bucket = {"bucket_counts": np.sum([s["bucket_counts"] for s in sidecars], axis=0).tolist()}
     return {
         **plan,
         "num_samples": num_samples,
-        "shards": [{k: s[k] for k in ("name", "indices", "count", "bytes", "sha256")} for s in sidecars],
+        **per_bucket,
+        "shards": [{k: s[k] for k in shard_keys} for s in sidecars],
         "skipped": {
             "total": len(skipped),
             "reasons": dict(sorted(Counter(e["reason"] for e in skipped).items())),

@@ -1,5 +1,9 @@
 """LatentDataset: a map-style dataset over a cache's shards; every read checks the record's crc32.
 
+A cache made with aspect-ratio buckets (ldm/data/buckets.py) holds latents of several shapes: `bucket_of` names each
+record's bucket, from the sidecars' index (never a scan of the tars), and BucketBatchSampler (ldm/data/latents.py)
+draws batches from one bucket at a time.
+
 Each access draws a fresh posterior sample z = mean + std * n (and the mirrored copy with probability 0.5)
 from a generator seeded by (seed, epoch, index), then applies the chosen scale/shift. LatentSampler
 (ldm/data/latents.py) hands the epoch to the dataset with each index, so the draws do not depend on worker
@@ -17,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.latent_cache.format import read_json, record_key, sidecar_path
 from ldm.data.latent_cache.manifest import read_manifest
-from ldm.data.latent_cache.tar_index import compact_index, index_shard, json_offsets, member_spans
+from ldm.data.latent_cache.tar_index import compact_index, fixed_member_bytes, index_shard, json_offsets, member_spans
 from ldm.data.latent_cache.verify import check_record, check_shards
 from ldm.data.latent_norm import LatentNorm
 from ldm.data.skips import SkipCounter, check_on_corrupt, skipped_item
@@ -71,7 +75,9 @@ class LatentDataset(Dataset):
         self.on_corrupt = check_on_corrupt(on_corrupt, "data.on_corrupt")
         self.skipped = SkipCounter("latent record")
         self.members = self.manifest["members"]
-        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self.latent_shape = tuple(self.manifest["latent_shape"])  # with buckets: the first bucket's
+        self.buckets = [tuple(b) for b in self.manifest["buckets"]] if "buckets" in self.manifest else None
+        self.latent_shapes = [tuple(s) for s in self.manifest.get("latent_shapes", [self.latent_shape])]
         self.norm = LatentNorm.from_stats(self.manifest["stats"], scale, self.latent_shape[0],
                                           first_stage_scaling_factor(self.manifest["first_stage"]["config"]))
         self.shard_paths = [self.path / s["name"] for s in self.manifest["shards"]]
@@ -87,41 +93,59 @@ class LatentDataset(Dataset):
                 "Re-run task=cache_latents with this autoencoder, or point the data at its cache."
             )
 
-    def _shard_index(self, shard: int, path: Path, entry: dict) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """(record indices, json sizes, other members' sizes) of one shard: from its sidecar's index, without
-        touching the tar (start-up O(shards)), or by scanning its tar headers for a cache written before that index."""
+    def _shard_index(self, shard: int, path: Path, entry: dict
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+        """(record indices, json sizes, buckets, each bucket's other members' sizes) of one shard: from its sidecar's
+        index, without touching the tar (start-up O(shards)), or by scanning its tar headers for a cache written before
+        that index (never bucketed: buckets came later)."""
         sidecar = read_json(sidecar_path(self.path, shard)) or {}
         if "index" in sidecar and (sidecar.get("sha256"), sidecar.get("bytes")) == (entry["sha256"], entry["bytes"]):
             index = sidecar["index"]
             records = entry["indices"][0] + np.asarray(index["positions"], dtype=np.int64)
-            return records, np.asarray(index["json_bytes"], dtype=np.int64), index["fixed_bytes"]
+            buckets = np.asarray(index.get("buckets", np.zeros(len(records))), dtype=np.int16)
+            fixed_bytes = index["fixed_bytes"] if self.buckets is not None else [index["fixed_bytes"]]
+            return records, np.asarray(index["json_bytes"], dtype=np.int64), buckets, fixed_bytes
+        if self.buckets is not None:
+            raise ValueError(f"{sidecar_path(self.path, shard)}: missing, or not for this shard's bytes; a bucketed "
+                             "cache is read through its sidecars: re-run task=cache_latents to rewrite the shard")
         indices, spans = index_shard(path, self.members)
-        return np.asarray(indices, dtype=np.int64), *compact_index(indices, spans)
+        json_bytes, fixed_bytes = compact_index(indices, spans)
+        return np.asarray(indices, dtype=np.int64), json_bytes, np.zeros(len(indices), dtype=np.int16), [fixed_bytes]
 
     def _build_index(self) -> None:
         """Flat arrays (not per-sample dicts) so worker processes share them instead of copying on access."""
-        shard_ids, records, offsets, json_sizes, self.fixed_bytes = [], [], [], [], None
+        shard_ids, records, offsets, json_sizes, buckets = [], [], [], [], []
+        self.fixed_bytes: list[list[int]] = [[] for _ in self.latent_shapes]  # per bucket: the same in every shard
         for shard, (path, entry) in enumerate(zip(self.shard_paths, self.manifest["shards"])):
-            indices, json_bytes, fixed_bytes = self._shard_index(shard, path, entry)
+            indices, json_bytes, shard_buckets, fixed_bytes = self._shard_index(shard, path, entry)
             if len(indices) != entry["count"]:
                 raise ValueError(f"{path}: {len(indices)} samples, manifest says {entry['count']}")
+            counts = np.bincount(shard_buckets, minlength=len(self.latent_shapes)).tolist()
+            if counts != entry.get("bucket_counts", counts) or len(fixed_bytes) != len(self.latent_shapes):
+                raise ValueError(f"{path}: {counts} samples per bucket, manifest says {entry.get('bucket_counts')}")
             if not len(indices):  # every input of the shard was skipped
                 continue
-            if self.fixed_bytes not in (None, fixed_bytes):
-                raise ValueError(f"{path}: member sizes {fixed_bytes} differ from other shards' {self.fixed_bytes}")
-            self.fixed_bytes = fixed_bytes
-            shard_offsets = json_offsets(json_bytes, fixed_bytes)
-            end = member_spans(int(shard_offsets[-1]), int(json_bytes[-1]), fixed_bytes)[-1]
+            for bucket, sizes in enumerate(fixed_bytes):
+                if sizes and self.fixed_bytes[bucket] not in ([], sizes):
+                    raise ValueError(f"{path}: bucket {bucket} member sizes {sizes} differ from other shards' "
+                                     f"{self.fixed_bytes[bucket]}")
+                self.fixed_bytes[bucket] = self.fixed_bytes[bucket] or sizes
+            record_fixed = np.array([fixed_member_bytes(sizes) for sizes in fixed_bytes], dtype=np.int64)[shard_buckets]
+            shard_offsets = json_offsets(json_bytes, record_fixed)
+            last = int(np.argmax(shard_offsets))
+            end = member_spans(int(shard_offsets[last]), int(json_bytes[last]), fixed_bytes[shard_buckets[last]])[-1]
             if sum(end) > entry["bytes"]:
                 raise ValueError(f"{path}: its index reaches byte {sum(end)} of a {entry['bytes']}-byte shard")
             shard_ids.append(np.full(len(indices), shard, dtype=np.int32))
             records.append(indices)
             offsets.append(shard_offsets)
             json_sizes.append(json_bytes.astype(np.int32))
+            buckets.append(shard_buckets)
         self.shard_of = np.concatenate(shard_ids)
         self.record_of = np.concatenate(records)  # the index each record was cached from (its tar key)
         self.offsets = np.concatenate(offsets)  # [N]: where each record's json member's data starts
         self.json_bytes = np.concatenate(json_sizes)  # [N]: its size; the other members follow (tar_index.py)
+        self.bucket_of = np.concatenate(buckets)  # [N]: its bucket (all 0 without buckets), which fixes its shape
         if len(self.shard_of) != self.manifest["num_samples"]:
             expected = self.manifest["num_samples"]
             raise ValueError(f"{self.path}: {len(self.shard_of)} samples indexed, manifest says {expected}")
@@ -131,7 +155,8 @@ class LatentDataset(Dataset):
 
     def read_members(self, index: int) -> dict[str, bytes]:
         """The checked raw bytes of sample `index`'s members: one positioned read of their contiguous span."""
-        spans = member_spans(int(self.offsets[index]), int(self.json_bytes[index]), self.fixed_bytes)
+        fixed_bytes = self.fixed_bytes[self.bucket_of[index]]
+        spans = member_spans(int(self.offsets[index]), int(self.json_bytes[index]), fixed_bytes)
         start, stop = min(o for o, _ in spans), max(o + n for o, n in spans)
         shard = self.shard_paths[self.shard_of[index]]
         fd = os.open(shard, os.O_RDONLY)
@@ -145,11 +170,14 @@ class LatentDataset(Dataset):
 
     def moments(self, index: int) -> dict[str, torch.Tensor]:
         """The stored float16 posterior moments of sample `index` (keys mean, std[, flip.mean, flip.std])."""
-        members = self.read_members(index)
-        return {m.removesuffix(".npy"): _npy(b, self.latent_shape) for m, b in members.items() if m.endswith(".npy")}
+        members, shape = self.read_members(index), self.latent_shapes[self.bucket_of[index]]
+        return {m.removesuffix(".npy"): _npy(b, shape) for m, b in members.items() if m.endswith(".npy")}
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict:
-        """`item` is an index (epoch 0) or (epoch, index) as LatentSampler yields it."""
+    def __getitem__(self, item: int | tuple[int, int] | list[tuple[int, int]]) -> dict | list[dict]:
+        """`item` is an index (epoch 0) or (epoch, index) as LatentSampler yields it; or a list of those, one bucket's
+        batch as BucketBatchSampler yields it, giving a list of samples (the DataLoader then collates them)."""
+        if isinstance(item, list):
+            return [self[one] for one in item]
         epoch, index = item if isinstance(item, tuple) else (0, item)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} cached latents")
@@ -164,8 +192,9 @@ class LatentDataset(Dataset):
         generator = sample_generator(self.seed, epoch, index)
         mirrored = self.flip and bool(torch.rand((), generator=generator) < 0.5)
         prefix = "flip." if mirrored else ""
-        mean = _npy(members[f"{prefix}mean.npy"], self.latent_shape).float()
-        std = _npy(members[f"{prefix}std.npy"], self.latent_shape).float()
+        shape = self.latent_shapes[self.bucket_of[index]]
+        mean = _npy(members[f"{prefix}mean.npy"], shape).float()
+        std = _npy(members[f"{prefix}std.npy"], shape).float()
         z = mean + std * torch.randn(mean.shape, generator=generator)  # reparameterised posterior sample
         meta = json.loads(members["json"])
         sample = {"latent": self.norm.normalize(z), **{k: meta[k] for k in ("caption", "label", "key")}}

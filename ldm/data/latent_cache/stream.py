@@ -6,11 +6,13 @@ shards it had not committed, and each shard's bytes depend only on its input, th
 batch_size (and the device's arithmetic: CPU convolutions may round differently with another thread count), so a
 resumed cache is byte-identical to an uninterrupted one. Input shard s's j-th sample is record
 s * STREAM_SHARD_SLOTS + j (format.stream_layout); skipped samples are counted per reason in the shard's sidecar.
-Worker processes decode and crop (PIL, no torch); the main process encodes, in tar order.
+Worker processes decode and crop (PIL, no torch); the main process encodes, in tar order. With aspect-ratio buckets
+(Preprocess.buckets) each bucket fills its own batches, so a shard's records come grouped by batch, not in tar
+order; its sidecar counts the records per bucket and names each record's bucket.
 """
 import multiprocessing
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from itertools import islice
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ldm.data.buckets import check_divisible
 from ldm.data.latent_cache.encode import CacheResult, ShardClaimer, encode_moments, finish
 from ldm.data.latent_cache.format import STREAM_SHARD_SLOTS, stream_layout
 from ldm.data.tar_samples import open_shard, tar_samples
@@ -45,12 +48,41 @@ def ordered_map(fn: Callable, items: Iterable, *, pool, chunk_size: int, ahead: 
 
 
 def stream_plan(urls: list[str], pre: Preprocess, latent_shape: tuple[int, ...], *, first_stage_hash: str,
-                first_stage_config: dict | None, flip: bool) -> dict:
-    """plan.json of a stream cache: input shards and preprocessing recorded; num_inputs null (counts unknown)."""
-    plan = new_plan(stream_layout(len(urls)), (3, pre.resolution, pre.resolution), latent_shape,
+                first_stage_config: dict | None, flip: bool,
+                bucket_latent_shapes: list[tuple[int, ...]] | None = None) -> dict:
+    """plan.json of a stream cache: input shards and preprocessing recorded; num_inputs null (counts unknown).
+
+    With buckets, `bucket_latent_shapes` lists each bucket's latent shape; the first bucket is the plan's image and
+    latent shape (readers that want one shape, e.g. for statistics' channel count, read that).
+    """
+    if (pre.buckets is None) != (bucket_latent_shapes is None):
+        raise ValueError("bucket_latent_shapes goes with Preprocess.buckets, one shape per bucket")
+    image_shape = (3, pre.resolution, pre.resolution) if pre.buckets is None else (3, *pre.buckets[0])
+    plan = new_plan(stream_layout(len(urls)), image_shape,
+                    latent_shape if bucket_latent_shapes is None else bucket_latent_shapes[0],
                     first_stage_hash=first_stage_hash, first_stage_config=first_stage_config,
                     source={"urls": urls, "preprocess": pre.as_dict()}, flip=flip)
+    if pre.buckets is not None:
+        plan.update(buckets=[list(b) for b in pre.buckets], latent_shapes=[list(s) for s in bucket_latent_shapes])
     return {**plan, "num_inputs": None}  # samples_per_shard is the slot count per input shard (STREAM_SHARD_SLOTS)
+
+
+def probe_latent_shapes(first_stage: torch.nn.Module, pre: Preprocess, device: torch.device
+                        ) -> tuple[tuple[int, ...], list[tuple[int, ...]] | None]:
+    """(latent shape of a resolution x resolution image, each bucket's latent shape or None), by encoding zeros.
+
+    A bucket whose sides are not multiples of the first stage's downsampling factor is a ConfigError: its latent would
+    be rounded, and decode(encode(x)) would not give the bucket's size back.
+    """
+    def shape(height: int, width: int) -> tuple[int, ...]:
+        probe = torch.zeros(1, 3, height, width, device=device)
+        return tuple(encode_moments(first_stage, probe, flip=False)["mean.npy"].shape[1:])
+
+    square = shape(pre.resolution, pre.resolution)
+    if pre.buckets is None:
+        return square, None
+    check_divisible(pre.buckets, pre.resolution // square[-1], "the first stage's downsampling factor")
+    return square, [shape(*bucket) for bucket in pre.buckets]
 
 
 class StreamShardEncoder:
@@ -62,6 +94,7 @@ class StreamShardEncoder:
         self.prepare, self.counts, self.advance = prepare, counts, advance
 
     def _flush(self, writer: ShardWriter, batch: list[tuple[int, dict]]) -> None:
+        """Encode one batch (one size: a bucket's, or the square) into the writer; the list is emptied."""
         images = torch.stack([uint8_to_tensor(item["pixels"]) for _, item in batch])
         moments = encode_moments(self.first_stage, images.to(self.device, non_blocking=True), self.flip)
         writer.add_batch({"indices": [i for i, _ in batch], "meta": [item["meta"] for _, item in batch],
@@ -72,8 +105,9 @@ class StreamShardEncoder:
         batch.clear()
 
     def __call__(self, writer: ShardWriter, samples: Iterator[dict]) -> None:
-        """Every sample of the shard, in tar order: position j is record writer.indices.start + j."""
-        start, batch = writer.indices.start, []
+        """Every sample of the shard, in tar order: position j is record writer.indices.start + j. Samples wait in their
+        bucket's batch (one batch without buckets); the last partial batches are encoded in bucket order."""
+        start, batches = writer.indices.start, defaultdict(list)
         for position, item in enumerate(self.prepare(samples)):
             if position >= STREAM_SHARD_SLOTS:
                 raise ValueError(f"input shard {writer.claim.shard} holds more than {STREAM_SHARD_SLOTS} samples: "
@@ -82,18 +116,20 @@ class StreamShardEncoder:
                 writer.skip(start + position, item["key"], item["skip"], item["message"])
                 self.counts["skipped"] += 1
                 continue
+            batch = batches[item["meta"].get("bucket", 0)]
             batch.append((start + position, item))
             if len(batch) == self.batch_size:
                 self._flush(writer, batch)
-        if batch:
-            self._flush(writer, batch)
+        for _, batch in sorted(batches.items()):
+            if batch:
+                self._flush(writer, batch)
 
 
 def write_stream_shard(out_dir: Path, claimer: ShardClaimer, shard: int, url: str, encoder: StreamShardEncoder,
-                       flip: bool) -> None:
+                       flip: bool, num_buckets: int | None = None) -> None:
     """Read, encode and commit one claimed shard; on any error drop the half-written shard and the claim."""
     claim = claimer.claims.pop(shard)
-    writer, stream = ShardWriter(out_dir, claimer.layout, claim, flip), open_shard(url)
+    writer, stream = ShardWriter(out_dir, claimer.layout, claim, flip, num_buckets), open_shard(url)
     try:
         encoder(writer, tar_samples(stream, url))
         stream.close()  # a failed `pipe:` command raises here, before anything is committed
@@ -136,10 +172,11 @@ def cache_stream_latents(
                          f"{num_workers=}")
     out_dir, device = Path(out_dir), torch.device(device)
     first_stage = first_stage.to(device).eval()
-    probe = torch.zeros(1, 3, preprocess.resolution, preprocess.resolution, device=device)
-    latent_shape = tuple(encode_moments(first_stage, probe, flip=False)["mean.npy"].shape[1:])
+    latent_shape, bucket_latent_shapes = probe_latent_shapes(first_stage, preprocess, device)
     ensure_plan(out_dir, stream_plan(list(urls), preprocess, latent_shape, first_stage_hash=first_stage_hash,
-                                     first_stage_config=first_stage_config, flip=flip))
+                                     first_stage_config=first_stage_config, flip=flip,
+                                     bucket_latent_shapes=bucket_latent_shapes))
+    num_buckets = None if preprocess.buckets is None else len(preprocess.buckets)
     layout = stream_layout(len(urls))
     my_shards = layout.shards_for_rank(rank, world_size)
 
@@ -162,7 +199,7 @@ def cache_stream_latents(
         with bar:
             for shard in my_shards:
                 if claimer(shard):
-                    write_stream_shard(out_dir, claimer, shard, urls[shard], encoder, flip)
+                    write_stream_shard(out_dir, claimer, shard, urls[shard], encoder, flip, num_buckets)
                     bar.advance(bar_task)
     finally:
         if pool is not None:

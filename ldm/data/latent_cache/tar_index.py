@@ -3,7 +3,8 @@ caches written before it, parsed from the USTAR headers alone, without extractin
 
 The writer puts a record's members one after another, json first, each as a 512-byte header plus its data padded
 to whole blocks. Every member but the json has the same size in every record, so a record's json size fixes
-where all its members lie: the index stores per record only its position in the shard and its json size.
+where all its members lie: the index stores per record only its position in the shard and its json size. With
+aspect-ratio buckets the other sizes are fixed per bucket, and the index also stores each record's bucket.
 """
 import os
 from collections.abc import Iterator
@@ -58,9 +59,18 @@ def padded(size: int | np.ndarray) -> int | np.ndarray:
     return -(-size // TAR_BLOCK) * TAR_BLOCK
 
 
-def json_offsets(json_bytes: np.ndarray, fixed_bytes: list[int]) -> np.ndarray:
-    """Data offset [n] of each record's json member in a shard written record after record (see the docstring)."""
-    fixed = sum(TAR_BLOCK + padded(size) for size in fixed_bytes)
+def fixed_member_bytes(fixed_bytes: list[int]) -> int:
+    """Bytes a record's members after its json take in the tar, headers and padding included."""
+    return sum(TAR_BLOCK + padded(size) for size in fixed_bytes)
+
+
+def json_offsets(json_bytes: np.ndarray, fixed_bytes: list[int] | np.ndarray) -> np.ndarray:
+    """Data offset [n] of each record's json member in a shard written record after record (see the docstring).
+
+    `fixed_bytes`: the other members' sizes, the same for every record; or, where records differ (aspect-ratio
+    buckets), each record's fixed_member_bytes [n].
+    """
+    fixed = fixed_member_bytes(fixed_bytes) if isinstance(fixed_bytes, list) else fixed_bytes.astype(np.int64)
     records = TAR_BLOCK + padded(json_bytes.astype(np.int64)) + fixed  # bytes of each whole record
     return TAR_BLOCK + np.cumsum(records) - records  # each record starts where the ones before it end
 
