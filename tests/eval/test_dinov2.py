@@ -17,7 +17,7 @@ from ldm.eval.reference_suite import ReferenceSuite
 from ldm.utils.errors import ConfigError
 from ldm.utils.images import to_uint8
 from ldm.utils.safe_config import safe_instantiate
-from reference_sets import shapes_images, write_folder, write_prompts
+from reference_sets import ChannelStats, shapes_images, write_folder, write_prompts
 
 TINY = "ldm_test_tiny_dinov2"
 
@@ -121,18 +121,6 @@ def test_config_node_with_a_null_weights_path_builds_nothing(tiny_weights):
     node = {"_target_": "ldm.eval.dinov2.dinov2_features", "weights_path": None, "model_name": TINY}
     assert safe_instantiate(node) is None  # FD_DINOv2 skipped
     assert isinstance(safe_instantiate({**node, "weights_path": str(tiny_weights)}), DINOv2Features)
-
-
-class ChannelStats(nn.Module):
-    """A stand-in for InceptionFeatures (its interface, microseconds): per-channel means and stds."""
-
-    name, resize = "channel-stats", "none"
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)
-
-    def pool_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(images), self(images)[:, :3]
 
 
 def test_suite_scores_fd_dinov2_from_cached_statistics_keyed_by_the_weights(tmp_path, tiny_weights, monkeypatch):

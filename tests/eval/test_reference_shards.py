@@ -4,27 +4,14 @@ recompute the cached statistics."""
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from ldm.eval.reference_suite import ReferenceSuite
 from ldm.utils.errors import ConfigError, CorruptDataError
 from ldm.utils.safe_config import safe_instantiate
-from reference_sets import shapes_images, write_folder, write_prompts
+from reference_sets import ChannelStats, shapes_images, write_folder, write_prompts
 from shard_fixtures import write_shard
 
 CAPTIONS = [f"a small shape number {i}" for i in range(6)]
-
-
-class ChannelStats(nn.Module):
-    """A stand-in for InceptionFeatures (its interface, microseconds): per-channel means and stds."""
-
-    name, resize = "channel-stats", "none"
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)
-
-    def pool_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(images), self(images)[:, :3]
 
 
 def write_reference(tmp_path, captions=CAPTIONS, seed=1):

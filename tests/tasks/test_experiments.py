@@ -22,6 +22,7 @@ TASKS = {
     "autoencoder_kl_f8": ("fit", "cache_latents"),
     "shapes_txt2img": ("fit", "sample", "evaluate"),
     "shapes_txt2img_dit": ("fit", "sample", "evaluate"),
+    "shapes_txt2img_two": ("fit", "sample", "evaluate"),  # on the two-object cache its header makes
     "digits_class2img": ("fit", "sample", "evaluate"),
     "txt2img": ("fit", "sample", "evaluate"),
     "shapes_inpaint": ("fit", "sample"),  # sample: task.images + task.masks; numbers: scripts/image_tasks.py
@@ -75,12 +76,15 @@ def runs(root, image_folder, shapes_feature_weights, tiny_clip, inception_weight
     digits_classifier = tmp_path_factory.mktemp("eval") / "digits_classifier.pt"
     captions = tmp_path_factory.mktemp("eval") / "captions.txt"  # the image folder's captions: txt2img's reference set
     captions.write_text("".join((image_folder / f"{i}.txt").read_text() + "\n" for i in range(8)))
+    tiny_shapes_eval = ["eval.resolution=16", f"eval.feature_weights={shapes_feature_weights}",
+                        "eval.held_out_samples=2"]
     tiny = {
         "shapes_autoencoder": TINY_AE,
         "digits_autoencoder": TINY_DIGITS_AE,
         "autoencoder_kl_f8": [*TINY_F8, f"data.root={image_folder}"],
-        "shapes_txt2img": [*TINY_UNET, *TINY_TEXT, "eval.resolution=16", f"eval.feature_weights={shapes_feature_weights}"],
-        "shapes_txt2img_dit": [*TINY_DIT, "eval.resolution=16", f"eval.feature_weights={shapes_feature_weights}"],
+        "shapes_txt2img": [*TINY_UNET, *TINY_TEXT, *tiny_shapes_eval],
+        "shapes_txt2img_dit": [*TINY_DIT, *tiny_shapes_eval],
+        "shapes_txt2img_two": [*TINY_DIT, *tiny_shapes_eval],
         "digits_class2img": [*TINY_UNET, "model.conditioner.dim=32", "sampling.prompts=null", f"eval.classifier_weights={digits_classifier}"],
         "txt2img": [*TINY_UNET, "model.backbone.head_dim=16", "model.backbone.context_dim=32",
                     f"model.conditioner.model_name={tiny_clip}", f"model.conditioner.pretrained={tower}",
@@ -117,10 +121,11 @@ def runs(root, image_folder, shapes_feature_weights, tiny_clip, inception_weight
     return run
 
 
-LATENT_DIFFUSION = ("shapes_txt2img", "shapes_txt2img_dit", "digits_class2img", "txt2img")
+LATENT_DIFFUSION = ("shapes_txt2img", "shapes_txt2img_dit", "shapes_txt2img_two", "digits_class2img", "txt2img")
 IMAGE_TASKS = ("shapes_inpaint", "shapes_sr", "shapes_layout")
-WITH_PERIODIC_EVAL = ("shapes_txt2img", "shapes_txt2img_dit", "digits_class2img", "txt2img")
+WITH_PERIODIC_EVAL = LATENT_DIFFUSION
 FIRST_STAGE = {"shapes_txt2img": "shapes_autoencoder", "shapes_txt2img_dit": "shapes_autoencoder",
+               "shapes_txt2img_two": "shapes_autoencoder",
                "digits_class2img": "digits_autoencoder", "txt2img": "autoencoder_kl_f8"}
 
 
@@ -159,6 +164,8 @@ def test_autoencoder_experiment_fits_and_caches(name, root, first_stage):
 @pytest.mark.parametrize("name", LATENT_DIFFUSION)
 def test_latent_diffusion_experiment_fits_samples_and_evaluates(name, root, runs, first_stage):
     first_stage(FIRST_STAGE[name])
+    if name == "shapes_txt2img_two":  # its header's step 1: a cache of two-object scenes beside the default one
+        runs("shapes_autoencoder", "cache_latents", "data.train.num_objects=2", "task.out_dir=${paths.latents_dir}/two")
     run_dir = root / "experiments" / name
     _check_fit(runs(name, "fit"), run_dir)
     if name in WITH_PERIODIC_EVAL:  # eval during training ran the experiment's own suite
@@ -176,8 +183,9 @@ def test_latent_diffusion_experiment_fits_samples_and_evaluates(name, root, runs
         rows = runs(name, "evaluate")
         [row] = rows
         accuracies = {k: v for k, v in row.items() if k.startswith("acc_")}
+        shapes = {f"{split}acc_{a}" for split in ("", "seen_", "held_out_") for a in ("color", "position", "binding")}
         expected = {"digits_class2img": {"acc_class"}, "txt2img": {"fid", "kid", "precision", "recall", "clip_score"}
-                    }.get(name, {"acc_color", "acc_shape", "acc_size", "acc_position"})
+                    }.get(name, shapes)
         assert expected <= set(row) and all(0.0 <= v <= 1.0 for v in accuracies.values())
         assert row["step"] == FIT_STEPS and (run_dir / "eval" / "metrics.json").is_file()
 
