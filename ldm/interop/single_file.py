@@ -11,7 +11,9 @@ VAE, UNET = "first_stage_model.", "model.diffusion_model."
 TEXT_OPEN_CLIP = "cond_stage_model.model."          # SD 2.x: OpenCLIP ViT-H/14 in open_clip's layout
 TEXT_TRANSFORMERS = "cond_stage_model.transformer."  # SD 1.x: CLIP ViT-L/14 in transformers' layout
 EMA = "model_ema."                                   # LitEma: the UNet's names without dots, plus decay/num_updates
-SDXL_MARKERS = ("conditioner.embedders.", "model.diffusion_model.label_emb.")
+SDXL_MARKERS = ("conditioner.embedders.", "model.diffusion_model.label_emb.0.")
+# SD's x4 upscaler: its noise-level table (an integer label_emb) and its low-res noise schedule (low_scale_model)
+UPSCALER_MARKERS = ("model.diffusion_model.label_emb.weight", "low_scale_model.")
 
 
 def ema_name(unet_name: str) -> str:
@@ -37,6 +39,10 @@ def split_single_file(state: dict[str, torch.Tensor], weights: str = "ema") -> S
     if any(k.startswith(SDXL_MARKERS) for k in state):
         raise ConfigError("this single file is SDXL (conditioner.embedders.*, label_emb): not supported; import "
                           "Stable Diffusion 1.x or 2.x, or a diffusers folder of an SD 1.x/2.x pipeline")
+    if any(k.startswith(UPSCALER_MARKERS) for k in state):
+        raise ConfigError("this single file is SD's x4 upscaler (label_emb.weight, low_scale_model.*): task=import "
+                          "reads text-to-image SD 1.x/2.x files; its UNet alone maps onto ours with "
+                          "ldm.interop.unet (unet_from_single_file, unet_keymap(cfg, 'single_file'))")
     if weights not in ("ema", "raw"):
         raise ConfigError(f"task.weights={weights!r}: ema | raw")
     parts: dict[str, dict[str, torch.Tensor]] = {"vae": {}, "unet": {}, "text": {}, "rest": {}}

@@ -9,6 +9,11 @@ written on export.
 Heads: our UNet has a fixed head count (num_heads, SD 1.x) or fixed channels per head (head_dim, SD 2.x). diffusers'
 `attention_head_dim` is, for historical reasons, the number of heads (per level when a list), and its
 `num_attention_heads` must stay unset.
+
+SD's x4 upscaler (StableDiffusionUpscalePipeline) maps too: its 7 inputs are the latent's 4 and the low-res
+image's 3 (our concat_channels), its `num_class_embeds` table (the low-res image's noise level, passed as
+class_labels) is our num_classes, and its `only_cross_attention` levels are ours. Our configs carry those two keys
+only where set, so every other config reads and writes as before.
 """
 
 import re
@@ -37,6 +42,9 @@ _USED = {
     "cross_attention_dim": 1280,
     "transformer_layers_per_block": 1,
     "attention_head_dim": 8,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "mid_block_only_cross_attention": None,
 }
 # Settings our network has no counterpart for: they must hold the value it implies.
 _FIXED = {
@@ -44,8 +52,6 @@ _FIXED = {
     "flip_sin_to_cos": (True,),  # our timestep embedding is [cos, sin]
     "freq_shift": (0,),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
-    "only_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None, False),
     "downsample_padding": (1,),
     "mid_block_scale_factor": (1,),
     "act_fn": ("silu",),
@@ -56,8 +62,7 @@ _FIXED = {
     "encoder_hid_dim_type": (None,),
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
+    "class_embed_type": (None,),  # with num_class_embeds: a plain table (the upscaler's); others are MLPs
     "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
     "addition_embed_type": (None,),  # SDXL's "text_time" added embeddings
@@ -117,6 +122,28 @@ def _input_channels(total: int, out_channels: int) -> dict:
     return {"in_channels": total - concat, "out_channels": out_channels, "concat_channels": concat}
 
 
+def _cross_only(c: Mapping[str, Any], attn: list[bool]) -> list[bool]:
+    """diffusers' only_cross_attention (one bool, or one per down block) -> ours per level; False where a level has
+    no attention, since diffusers ignores it there (the upscaler sets it on its attention-free first level)."""
+    flags, mid = c["only_cross_attention"], c["mid_block_only_cross_attention"]
+    if isinstance(flags, bool):
+        mid = flags if mid is None else mid  # diffusers: a single bool also applies to the middle block
+        flags = [flags] * len(attn)
+    flags = list(flags)
+    if len(flags) != len(attn) or not all(isinstance(f, bool) for f in flags):
+        raise ConfigError(f"{_WHAT}: only_cross_attention {c['only_cross_attention']} needs one bool per block")
+    if mid:
+        raise ConfigError(f"{_WHAT}: only_cross_attention / mid_block_only_cross_attention turn off the middle "
+                          "block's self-attention; ours always keeps it")
+    return [f and a for f, a in zip(flags, attn)]
+
+
+def _optional(num_classes: int | None, cross_only: list[bool]) -> dict:
+    """The keys of our config that only networks using them carry (the x4 upscaler's)."""
+    return ({"num_classes": num_classes} if num_classes is not None else {}) | (
+        {"only_cross_attention": cross_only} if any(cross_only) else {})
+
+
 def unet_from_diffusers_config(config: Mapping[str, Any]) -> dict:
     """diffusers UNet2DConditionModel config.json dict -> our UNet net config."""
     c = read_settings(config, used=_USED, fixed=_FIXED, ignored=_IGNORED, what=_WHAT)
@@ -138,6 +165,7 @@ def unet_from_diffusers_config(config: Mapping[str, Any]) -> dict:
         "y_dim": None,
         "dropout": float(c["dropout"]),
         "gradient_checkpointing": False,
+        **_optional(c["num_class_embeds"], _cross_only(c, attn)),
     }
 
 
@@ -193,6 +221,9 @@ def unet_to_diffusers_config(net_cfg: Mapping[str, Any], *, sample_size: int = 6
         "act_fn": "silu",
         "norm_num_groups": 32,
         "norm_eps": 1e-5,
+        **({"num_class_embeds": a["num_classes"]} if a["num_classes"] is not None else {}),
+        # a list leaves diffusers' middle block self-attending, as ours
+        **({"only_cross_attention": list(a["only_cross_attention"])} if a["only_cross_attention"] else {}),
     }
 
 
@@ -232,18 +263,21 @@ def _transformer(ours: str, theirs: str, depth: int, cross: bool, proj_form: str
 def unet_keymap(net_cfg: Mapping[str, Any], layout: str, *, proj_form: str | None = None) -> KeyMap:
     """Key map {our UNet state-dict name: theirs} for layout "diffusers" or "single_file" (LDM names). proj_form
     ("linear" | "conv1x1") is the form written for proj_in / proj_out; None: linear for diffusers (exported with
-    use_linear_projection=True), and for single files conv1x1 with num_heads (SD 1.x), linear with head_dim (SD 2.x)."""
+    use_linear_projection=True), and for single files conv1x1 with num_heads (SD 1.x), linear with head_dim (SD 2.x)
+    or num_classes (the x4 upscaler, an SD 2.x model with 8 heads)."""
     what = "UNet config"
     if layout not in LAYOUTS:
         raise ConfigError(f"UNet layout must be one of {LAYOUTS}, got {layout!r}")
     a = our_args(net_cfg, UNet, what)
     sf = layout == "single_file"
     if proj_form is None:
-        proj_form = "conv1x1" if sf and a["num_heads"] is not None else "linear"
+        proj_form = "conv1x1" if sf and a["num_heads"] is not None and a["num_classes"] is None else "linear"
     if proj_form not in ("linear", "conv1x1"):
         raise ConfigError(f"proj_form must be linear or conv1x1, got {proj_form!r}")
     if a["y_dim"] is not None and not sf:
         raise ConfigError(f"{what}: y_dim={a['y_dim']} (vector conditioning) has no diffusers counterpart here")
+    if a["y_dim"] is not None and a["num_classes"] is not None:
+        raise ConfigError(f"{what}: y_dim and num_classes both set; LDM's label_emb holds one of them")
     attn = _levels_with_attention(a, what)
     mc, depth, cross = a["model_channels"], a["transformer_depth"], a["context_dim"] is not None
     widths = [mc * m for m in a["channel_mult"]]
@@ -256,12 +290,16 @@ def unet_keymap(net_cfg: Mapping[str, Any], layout: str, *, proj_form: str | Non
         table = _module("time_embed.mlp.mlp.0", "time_embed.0") | _module("time_embed.mlp.mlp.2", "time_embed.2")
         if a["y_dim"] is not None:  # LDM's "sequential" adm label embedding (SDXL's size vectors)
             table |= _module("y_embed.mlp.0", "label_emb.0.0") | _module("y_embed.mlp.2", "label_emb.0.2")
+        if a["num_classes"] is not None:  # LDM's integer num_classes (the x4 upscaler's noise level)
+            table |= _module("class_embed", "label_emb", params=("weight",))
         table |= _module("input_blocks.0.0", "input_blocks.0.0") | _module("out.0", "out.0") | _module("out.2", "out.2")
     else:
         table = (_module("time_embed.mlp.mlp.0", "time_embedding.linear_1")
                  | _module("time_embed.mlp.mlp.2", "time_embedding.linear_2")
                  | _module("input_blocks.0.0", "conv_in")
                  | _module("out.0", "conv_norm_out") | _module("out.2", "conv_out"))
+        if a["num_classes"] is not None:
+            table |= _module("class_embed", "class_embedding", params=("weight",))
 
     # Encoder: input_blocks counts every ResBlock (+ transformer) and downsampler in order, as LDM does.
     k, ch, skips = 1, mc, [mc]
@@ -312,10 +350,19 @@ def _indices(state: Mapping[str, Tensor], prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for name in state if (m := pattern.match(name))})
 
 
+def _attends_to_context(state: Mapping[str, Tensor], transformer: str) -> bool:
+    """Whether a transformer's first attention reads the context (LDM's disable_self_attn): its keys are projected
+    from another width. Where the context is as wide as the features the shapes cannot tell; read as self-attention,
+    LDM's default (and the x4 upscaler's, whose only such level self-attends)."""
+    to_k = state[f"{transformer}.transformer_blocks.0.attn1.to_k.weight"]
+    return to_k.shape[1] != state[f"{transformer}.norm.weight"].shape[0]
+
+
 def unet_from_single_file(state: Mapping[str, Tensor], *, num_heads: int | None, head_dim: int | None) -> dict:
     """Our UNet net config inferred from the tensor shapes of an LDM / SD single-file UNet state dict (the
     "model.diffusion_model." prefix removed). Heads are not visible in the shapes: give num_heads (SD 1.x: 8) or
-    head_dim (SD 2.x: 64)."""
+    head_dim (SD 2.x: 64). The x4 upscaler's integer label table (label_emb.weight) and its levels without
+    self-attention are read from the shapes too."""
     what = "single-file UNet"
     if (num_heads is None) == (head_dim is None):
         raise ConfigError(f"{what}: give exactly one of num_heads and head_dim, got {num_heads=}, {head_dim=}")
@@ -324,32 +371,39 @@ def unet_from_single_file(state: Mapping[str, Tensor], *, num_heads: int | None,
                           "'model.diffusion_model.' prefix removed?")
     model_channels, in_channels = state["input_blocks.0.0.weight"].shape[:2]
     level_widths: list[list[int]] = [[]]  # ResBlock output widths per level
-    level_attn: list[list[bool]] = [[]]
+    level_attn: list[list[str]] = [[]]  # per block: "none", "self" or "cross" (only_cross_attention)
     for k in _indices(state, "input_blocks.")[1:]:
         if f"input_blocks.{k}.0.op.weight" in state:
             level_widths.append([])
             level_attn.append([])
             continue
         level_widths[-1].append(state[f"input_blocks.{k}.0.in_layers.2.weight"].shape[0])
-        level_attn[-1].append(f"input_blocks.{k}.1.norm.weight" in state)
+        if f"input_blocks.{k}.1.norm.weight" not in state:
+            level_attn[-1].append("none")
+        else:
+            level_attn[-1].append("cross" if _attends_to_context(state, f"input_blocks.{k}.1") else "self")
     blocks = {len(w) for w in level_widths}
     if len(blocks) != 1 or any(len(set(w)) != 1 for w in level_widths) or any(len(set(x)) != 1 for x in level_attn):
         raise ConfigError(f"{what}: levels differ in block count, width or attention: widths {level_widths}, "
                           f"attention {level_attn}")
+    if "middle_block.1.norm.weight" in state and _attends_to_context(state, "middle_block.1"):
+        raise ConfigError(f"{what}: the middle block's first attention reads the context (LDM's "
+                          "disable_middle_self_attn); ours always keeps its self-attention")
     transformers = {m.group(1) for name in state if (m := re.match(r"(.+?)transformer_blocks\.", name))}
     depths = {len(_indices(state, f"{t}transformer_blocks.")) for t in transformers}
     if len(depths) > 1:
         raise ConfigError(f"{what}: transformer depth varies over blocks ({sorted(depths)}), as in SDXL; our UNet "
                           "has one depth for all (SDXL is not supported)")
     context = next((t.shape[1] for n, t in state.items() if n.endswith("attn2.to_k.weight")), None)
-    y = state.get("label_emb.0.0.weight")
+    y, labels = state.get("label_emb.0.0.weight"), state.get("label_emb.weight")
+    cross_only = [x[0] == "cross" for x in level_attn]
     return {
         "_target_": "ldm.nn.unet.UNet",
         **_input_channels(int(in_channels), int(state["out.2.weight"].shape[0])),
         "model_channels": int(model_channels),
         "channel_mult": [int(w[0] // model_channels) for w in level_widths],
         "num_res_blocks": blocks.pop(),
-        "attention_resolutions": [2**i for i, x in reversed(list(enumerate(level_attn))) if x[0]],
+        "attention_resolutions": [2**i for i, x in reversed(list(enumerate(level_attn))) if x[0] != "none"],
         "num_heads": num_heads,
         "head_dim": head_dim,
         "transformer_depth": depths.pop() if depths else 1,
@@ -357,4 +411,5 @@ def unet_from_single_file(state: Mapping[str, Tensor], *, num_heads: int | None,
         "y_dim": None if y is None else int(y.shape[1]),
         "dropout": 0.0,
         "gradient_checkpointing": False,
+        **_optional(None if labels is None else int(labels.shape[0]), cross_only),
     }

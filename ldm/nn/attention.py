@@ -62,12 +62,20 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer block: self-attention, cross-attention to context (if context_dim), GEGLU FF."""
+    """Pre-norm transformer block: self-attention, cross-attention to context (if context_dim), GEGLU FF.
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, dropout: float = 0.0):
+    only_cross_attention: the first attention attends to the context instead of to x, as the second does (SD's x4
+    upscaler at its high-resolution levels, where attention over every pixel pair costs the most; LDM's
+    disable_self_attn, diffusers' only_cross_attention)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, dropout: float = 0.0,
+                 only_cross_attention: bool = False):
         super().__init__()
+        if only_cross_attention and context_dim is None:
+            raise ValueError("only_cross_attention needs a context_dim to attend to")
+        self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, num_heads, dropout=dropout)
+        self.attn1 = Attention(dim, num_heads, context_dim if only_cross_attention else None, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim) if context_dim is not None else None
         self.attn2 = Attention(dim, num_heads, context_dim, dropout=dropout) if context_dim is not None else None
         self.norm3 = nn.LayerNorm(dim)
@@ -75,7 +83,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x [B, N, dim], context [B, M, context_dim]; mask applies to self-attention."""
-        x = x + self.attn1(self.norm1(x), mask=mask)
+        if self.only_cross_attention and mask is not None:
+            raise ValueError("mask applies to self-attention; this block's first attention attends to the context")
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None, mask=mask)
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -91,12 +101,13 @@ class SpatialTransformer(nn.Module):
         depth: int = 1,
         context_dim: int | None = None,
         dropout: float = 0.0,
+        only_cross_attention: bool = False,
     ):
         super().__init__()
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList(
-            TransformerBlock(channels, num_heads, context_dim, dropout) for _ in range(depth)
+            TransformerBlock(channels, num_heads, context_dim, dropout, only_cross_attention) for _ in range(depth)
         )
         self.proj_out = nn.Linear(channels, channels)
         # Zero-init: the block starts as the identity, so a fresh UNet behaves like one without attention.

@@ -23,6 +23,33 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels)
 
 
+def _cross_only_levels(flags: Sequence[bool] | None, channel_mult: Sequence[int], attention_resolutions: Sequence[int],
+                       context_dim: int | None) -> list[bool]:
+    """only_cross_attention per level -> a flag for each level; raises where a flag could have no effect."""
+    if flags is None:
+        return [False] * len(channel_mult)
+    flags = list(flags)
+    if len(flags) != len(channel_mult) or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"only_cross_attention needs one bool per level of channel_mult {list(channel_mult)}, "
+                         f"got {flags}")
+    idle = [level for level, f in enumerate(flags) if f and 2**level not in set(attention_resolutions)]
+    if idle:
+        raise ValueError(f"only_cross_attention is set at levels {idle}, which have no attention "
+                         f"(attention_resolutions {list(attention_resolutions)})")
+    if any(flags) and context_dim is None:
+        raise ValueError("only_cross_attention needs a context_dim to attend to")
+    return flags
+
+
+def _check_class_labels(labels: Tensor | None, num_classes: int | None, batch_size: int) -> None:
+    if (labels is None) != (num_classes is None):
+        raise ValueError(f"backbone built with num_classes={num_classes} but got class_labels="
+                         f"{None if labels is None else tuple(labels.shape)}")
+    if labels is not None and (labels.dtype not in (torch.int32, torch.int64) or labels.shape != (batch_size,)):
+        raise ValueError(f"class_labels must be an integer tensor [{batch_size}], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+
+
 class ResBlock(nn.Module):
     """ResNet block whose features are shifted by the (noise level + y) embedding (DDPM / ADM)."""
 
@@ -76,11 +103,17 @@ class UNet(nn.Module):
     """Diffusion UNet with ResNet blocks and cross-attention SpatialTransformers (LDM / Stable Diffusion).
 
     net(x_in [B, C, H, W], c_noise [B], context [B, L, context_dim] | None, y [B, y_dim] | None,
-    concat [B, concat_channels, H, W] | None) -> [B, C_out, H, W]. concat (inpainting, super-resolution, layout)
-    joins x_in before the first convolution, so in_channels stays the latent's (SD's 9-channel inpainting UNet:
-    in_channels 4, concat_channels 5). attention_resolutions are downsampling factors (1 = full resolution) at
-    which a SpatialTransformer follows each ResBlock. Set exactly one of num_heads (fixed head count, SD1) or
-    head_dim (fixed channels per head, SD2). All channel counts must be multiples of 32 (GroupNorm with 32 groups).
+    concat [B, concat_channels, H, W] | None, class_labels [B] int | None) -> [B, C_out, H, W]. concat
+    (inpainting, super-resolution, layout) joins x_in before the first convolution, so in_channels stays the
+    latent's (SD's 9-channel inpainting UNet: in_channels 4, concat_channels 5). attention_resolutions are
+    downsampling factors (1 = full resolution) at which a SpatialTransformer follows each ResBlock. Set exactly one
+    of num_heads (fixed head count, SD1) or head_dim (fixed channels per head, SD2). All channel counts must be
+    multiples of 32 (GroupNorm with 32 groups).
+
+    num_classes: a learned table with that many rows; the row of each sample's class_labels entry is added to the
+    noise-level embedding (SD's x4 upscaler: the noise level of its low-res image's augmentation, 0..999).
+    only_cross_attention, one flag per level of channel_mult: that level's transformers attend to the context in
+    both attentions (the x4 upscaler); the middle block keeps its self-attention.
     """
 
     def __init__(
@@ -99,12 +132,17 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         concat_channels: int = 0,
+        num_classes: int | None = None,
+        only_cross_attention: Sequence[bool] | None = None,
     ):
         super().__init__()
         if (num_heads is None) == (head_dim is None):
             raise ValueError(f"set exactly one of num_heads and head_dim, got {num_heads=} and {head_dim=}")
         if concat_channels < 0:
             raise ValueError(f"concat_channels must be >= 0, got {concat_channels}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
+        cross_only = _cross_only_levels(only_cross_attention, channel_mult, attention_resolutions, context_dim)
         self.context_dim, self.y_dim, self.concat_channels = context_dim, y_dim, concat_channels
         self.gradient_checkpointing = gradient_checkpointing
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
@@ -112,12 +150,15 @@ class UNet(nn.Module):
         attention_resolutions = set(attention_resolutions)
         emb_dim = 4 * model_channels
 
-        def attention(channels: int) -> SpatialTransformer:
+        def attention(channels: int, only_cross: bool = False) -> SpatialTransformer:
             heads = num_heads if num_heads is not None else channels // head_dim
-            return SpatialTransformer(channels, heads, transformer_depth, context_dim, dropout)
+            return SpatialTransformer(channels, heads, transformer_depth, context_dim, dropout, only_cross)
 
         self.time_embed = TimestepEmbedder(emb_dim, freq_dim=model_channels)
         self.y_embed = MLPEmbedder(y_dim, emb_dim) if y_dim is not None else None
+        self.num_classes = num_classes
+        # No null row: the labels are a measured quantity (a noise level), not a class guidance could drop.
+        self.class_embed = nn.Embedding(num_classes, emb_dim) if num_classes is not None else None
 
         # Encoder: each entry's output is kept as a skip connection for the decoder.
         self.input_blocks = nn.ModuleList([EmbedSequential(
@@ -129,7 +170,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, mult * model_channels, emb_dim, dropout)]
                 ch = mult * model_channels
                 if factor in attention_resolutions:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, cross_only[level]))
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -148,7 +189,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), mult * model_channels, emb_dim, dropout)]
                 ch = mult * model_channels
                 if factor in attention_resolutions:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, cross_only[level]))
                 if level != 0 and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     factor //= 2
@@ -163,8 +204,9 @@ class UNet(nn.Module):
         return block(h, emb, context)
 
     def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, y: Tensor | None = None,
-                concat: Tensor | None = None) -> Tensor:
+                concat: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         check_conditioning(context, y, self.context_dim, self.y_dim, x.shape[0])
+        _check_class_labels(class_labels, self.num_classes, x.shape[0])
         if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
             raise ValueError(
                 f"UNet input height and width must be multiples of {self.downsample_factor}, got {tuple(x.shape[-2:])}"
@@ -172,6 +214,8 @@ class UNet(nn.Module):
         emb = self.time_embed(c_noise)  # [B, emb_dim]
         if self.y_embed is not None:
             emb = emb + self.y_embed(y)
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(class_labels)
 
         skips = []
         h = concat_condition(x, concat, self.concat_channels)

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from ldm.interop.single_file import split_single_file
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
@@ -282,8 +283,9 @@ def test_sd_unet_configs_map_at_full_size(config, tensors):
 
 
 @pytest.mark.parametrize("setting, value", [
-    ("addition_embed_type", "text_time"), ("class_embed_type", "projection"), ("num_class_embeds", 10),
-    ("num_attention_heads", 2), ("norm_num_groups", 16), ("flip_sin_to_cos", False), ("freq_shift", 1),
+    ("addition_embed_type", "text_time"), ("class_embed_type", "projection"), ("only_cross_attention", [True]),
+    ("mid_block_only_cross_attention", True), ("num_attention_heads", 2), ("norm_num_groups", 16),
+    ("flip_sin_to_cos", False), ("freq_shift", 1),
     ("time_cond_proj_dim", 256), ("resnet_time_scale_shift", "scale_shift"), ("only_cross_attention", True),
     ("transformer_layers_per_block", [1, 2]), ("layers_per_block", [2, 1]),
     ("up_block_types", ["CrossAttnUpBlock2D", "UpBlock2D"]), ("attention_head_dim", [2, 3]),
@@ -332,3 +334,110 @@ def test_unet_bad_tensors_are_listed():
     for name in ("add_embedding.linear_1.weight", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
                  "conv_in.weight"):
         assert name in str(err.value)
+
+
+# --- SD's x4 upscaler: 4 latent + 3 low-res image inputs, a noise-level table, cross-attention-only levels -------
+
+# The upscaler's structure at tiny size: no attention at the first level (its only_cross_attention flag there is
+# ignored, as in the published config), cross-attention only at the next, self-attention at the last.
+TINY_UPSCALER = dict(_UNET, block_out_channels=(32, 64, 64), in_channels=7, out_channels=4, num_class_embeds=1000,
+                     only_cross_attention=[True, True, False], attention_head_dim=2, use_linear_projection=True,
+                     down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                     up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",))
+
+
+def test_upscaler_unet_matches_diffusers_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**TINY_UPSCALER).eval()
+    torch.nn.init.normal_(theirs.class_embedding.weight)  # diffusers' default init; said so the labels visibly count
+    cfg, ours = _import_unet(theirs)
+    assert (cfg["in_channels"], cfg["concat_channels"], cfg["out_channels"]) == (4, 3, 4)
+    assert (cfg["num_classes"], cfg["only_cross_attention"]) == (1000, [False, True, False])
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(3, 7, 16, 16, generator=g), torch.randn(3, 5, 24, generator=g)
+    t, noise_level = torch.tensor([0.0, 37.0, 999.0]), torch.tensor([20, 0, 350])  # the pipeline's default is 20
+    with torch.no_grad():
+        got = ours(x[:, :4], t, context, concat=x[:, 4:], class_labels=noise_level)
+        want = theirs(x, t, encoder_hidden_states=context, class_labels=noise_level).sample
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        other = ours(x[:, :4], t, context, concat=x[:, 4:], class_labels=noise_level + 1)
+    assert (got - other).abs().max() > 1e-3  # the noise level reaches the output
+
+    back = to_theirs(ours.state_dict(), unet_keymap(cfg, "diffusers"), what="unet")
+    _assert_identical(back, theirs.state_dict())
+    exported = unet_to_diffusers_config(cfg, sample_size=16)
+    assert (exported["in_channels"], exported["num_class_embeds"]) == (7, 1000)
+    assert unet_from_diffusers_config(exported) == cfg
+    rebuilt = _from_folder(UNet2DConditionModel, exported, back, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, t, context, class_labels=noise_level).sample, got, atol=1e-5, rtol=0)
+
+    # LDM's layout: label_emb.weight, attn1 projecting the context; diffusers' converter reads it back
+    single = to_theirs(ours.state_dict(), unet_keymap(cfg, "single_file"), what="unet")
+    assert single["label_emb.weight"].shape == (1000, 128) and single["input_blocks.4.1.proj_in.weight"].dim() == 2
+    assert unet_from_single_file(single, num_heads=2, head_dim=None) == cfg
+    _assert_identical(to_ours(single, unet_keymap(cfg, "single_file"), _shapes(ours), what="unet"), ours.state_dict())
+    converted = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in single.items()},
+                                            dict(theirs.config))
+    _assert_identical(converted, theirs.state_dict())
+
+
+def test_existing_unets_gain_no_keys_and_the_new_inputs_are_checked():
+    cfg, ours = _import_unet(_diffusers_unet("sd1"))
+    assert "num_classes" not in cfg and "only_cross_attention" not in cfg
+    assert not any(k.startswith("class_embed") for k in ours.state_dict())
+    assert "num_class_embeds" not in unet_to_diffusers_config(cfg)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([5.0])
+    with pytest.raises(ValueError, match="num_classes"):
+        ours(x, t, torch.randn(1, 3, 24), class_labels=torch.tensor([1]))
+    _, upscaler = _import_unet(UNet2DConditionModel(**TINY_UPSCALER).eval())
+    with pytest.raises(ValueError, match="class_labels"):
+        upscaler(x, t, torch.randn(1, 3, 24), concat=torch.randn(1, 3, 16, 16), class_labels=torch.tensor([1.0]))
+    base = dict(in_channels=4, model_channels=32, channel_mult=[1, 2], num_heads=2, context_dim=24)
+    with pytest.raises(ValueError, match="no attention"):
+        UNet(**base, attention_resolutions=[2], only_cross_attention=[True, False])
+    with pytest.raises(ValueError, match="one bool per level"):
+        UNet(**base, only_cross_attention=[True])
+    with pytest.raises(ValueError, match="context_dim"):
+        UNet(**base | {"context_dim": None}, only_cross_attention=[True, False])
+
+
+UPSCALER_UNET_CONFIG = {  # stabilityai/stable-diffusion-x4-upscaler unet/config.json (as recalled, not downloaded)
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [256, 512, 512, 1024], "center_input_sample": False, "class_embed_type": None,
+    "cross_attention_dim": 1024, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 7, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_class_embeds": 1000, "only_cross_attention": [True, True, True, False], "out_channels": 4,
+    "sample_size": 128, "up_block_types": ["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"], "upcast_attention": False,
+    "use_linear_projection": True,
+}
+UPSCALER_VAE_CONFIG = SD_VAE_CONFIG | {  # its f=4 autoencoder and the latent scale its UNet was trained with
+    "block_out_channels": [128, 256, 512], "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": 256, "scaling_factor": 0.08333,
+}
+
+
+def test_upscaler_configs_map_at_full_size():
+    cfg = unet_from_diffusers_config(UPSCALER_UNET_CONFIG)
+    assert cfg == {"_target_": "ldm.nn.unet.UNet", "in_channels": 4, "out_channels": 4, "concat_channels": 3,
+                   "model_channels": 256, "channel_mult": [1, 2, 2, 4], "num_res_blocks": 2,
+                   "attention_resolutions": [8, 4, 2], "num_heads": 8, "head_dim": None, "transformer_depth": 1,
+                   "context_dim": 1024, "y_dim": None, "dropout": 0.0, "gradient_checkpointing": False,
+                   "num_classes": 1000, "only_cross_attention": [False, True, True, False]}
+    with torch.device("meta"):  # full size without allocating memory
+        theirs, ours = UNet2DConditionModel.from_config(UPSCALER_UNET_CONFIG), _build(UNet, cfg)
+    tensors = len(theirs.state_dict())
+    assert len(to_ours(theirs.state_dict(), unet_keymap(cfg, "diffusers"), _shapes(ours), what="unet")) == tensors
+    # the last level is as wide as the context (1024): its self-attention reads as such, as the file means
+    single = to_theirs(ours.state_dict(), unet_keymap(cfg, "single_file"), what="unet")
+    assert unet_from_single_file(single, num_heads=8, head_dim=None) == cfg
+
+    vae, scale = vae_from_diffusers_config(UPSCALER_VAE_CONFIG)
+    assert (vae["ch_mult"], vae["embed_dim"], scale) == ([1, 2, 4], 4, 0.08333)  # f = 4, 4 latent channels
+
+
+def test_an_upscaler_single_file_is_named_by_the_whole_file_import():
+    state = {"model.diffusion_model.label_emb.weight": torch.zeros(2, 2), "low_scale_model.betas": torch.zeros(2)}
+    with pytest.raises(ConfigError, match="x4 upscaler"):
+        split_single_file(state)
