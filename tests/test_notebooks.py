@@ -120,7 +120,7 @@ def test_run_notebook_reads_curves_and_evaluation_from_the_run_directory(tiny_ru
 
     shutil.copytree(tiny_runs.root / "experiments" / "ldm", tmp_path / "experiments" / "ldm")  # evaluate a copy
     overrides = [f"paths.root_dir={tmp_path}", "name=ldm", "first_stage_name=ae", *TINY_TXT2IMG, "task=evaluate",
-                 "task.progress=false", "eval.resolution=16", "eval.num_samples=4",
+                 "task.progress=false", "eval.resolution=16", "eval.num_samples=4", "eval.held_out_samples=0",
                  f"eval.feature_weights={shapes_feature_weights}"]
     with restored_environ():
         evaluate.run(compose_run("shapes_txt2img", overrides))

@@ -90,7 +90,7 @@ def test_a_planted_payload_is_refused_and_runs_nothing(tiny_runs, tmp_path, reso
             name = "shapes_autoencoder" if "cache" in entry else "shapes_txt2img"
             overrides = [f"paths.root_dir={tmp_path}", "name=victim", f"task={entry.split('=')[1].split()[0]}"]
             if "cache" not in entry:
-                overrides += ["sampling.steps=2", "eval.num_samples=2", "eval.resolution=16",
+                overrides += ["sampling.steps=2", "eval.num_samples=2", "eval.held_out_samples=0", "eval.resolution=16",
                               f"eval.feature_weights={shapes_feature_weights}"]
             with restored_environ():
                 task[entry].run(compose_run(name, overrides))

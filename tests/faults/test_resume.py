@@ -101,7 +101,7 @@ def test_evaluation_reuses_samples_by_checkpoint_content_and_settings_not_by_fil
     overrides, run_dir = _copy_run(tiny_runs, "ldm_eval_key")
     last = run_dir / "checkpoints" / "last.ckpt"
     evaluation = [*overrides, "task=evaluate", "sampling.steps=2", "task.progress=false", "eval.resolution=16",
-                  "eval.num_samples=4", f"eval.feature_weights={shapes_feature_weights}"]
+                  "eval.num_samples=4", "eval.held_out_samples=0", f"eval.feature_weights={shapes_feature_weights}"]
 
     def evaluate_last(*extra):
         with restored_environ():

@@ -36,7 +36,8 @@ def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_f
     overrides = [
         f"paths.root_dir={tiny_runs.root}", "name=ldm_eval", "first_stage_name=ae", *TINY_TXT2IMG,
         "trainer.max_steps=6", "checkpoint_every_n_steps=3", "trainer.val_check_interval=3",
-        "eval.resolution=16", "eval.num_samples=6", f"eval.feature_weights={shapes_feature_weights}",
+        "eval.resolution=16", "eval.num_samples=6", "eval.held_out_samples=2",
+        f"eval.feature_weights={shapes_feature_weights}",
     ]
     with restored_environ():
         fit.run(compose_run("shapes_txt2img", [  # TINY_TXT2IMG drops the callback (32 px suite): add it back small
@@ -59,14 +60,15 @@ def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_f
                                               "task.progress=false"])
     rows = evaluate.run(eval_cfg)
     assert [r["step"] for r in rows] == [3, 6]
-    assert all(r["tag"] == "euler-2-default-g3-ema-n6" for r in rows)
+    assert all(r["tag"] == "euler-2-default-g3-ema-n8" for r in rows)  # 6 seen prompts + 2 held-out ones
     assert all(r["feature_extractor"].startswith("shapes-smallcnn-") and (r["weights"], r["n"], r["seeds"]) ==
-               ("ema", 6, "0..5") for r in rows)  # the protocol, with every row
+               ("ema", 8, "0..7") for r in rows)  # the protocol, with every row
+    assert all(0 <= r["seen_acc_color"] <= 1 and 0 <= r["held_out_acc_color"] <= 1 for r in rows)
     stored = json.loads((eval_dir / "metrics.json").read_text())
     assert [(r["step"], r["acc_color"]) for r in stored] == [(r["step"], r["acc_color"]) for r in rows]
     with open(eval_dir / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
-    assert (eval_dir / "metrics-euler-2-default-g3-ema-n6.png").stat().st_size > 0
+    assert (eval_dir / "metrics-euler-2-default-g3-ema-n8.png").stat().st_size > 0
     [floor] = eval_dir.glob("floor-shapes-*.json")  # one per suite protocol (here: the feature network's weights)
     assert json.loads(floor.read_text())["acc_color"] == 1.0
 

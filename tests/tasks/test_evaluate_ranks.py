@@ -15,7 +15,7 @@ def evaluate_overrides(tiny_runs, name: str, shapes_feature_weights) -> list[str
     """The shapes suite at 16 px on the tiny ldm checkpoint (by path), in run directory `name`."""
     return [*(o for o in tiny_runs.ldm_overrides if not o.startswith("name=")), f"name={name}", "task=evaluate",
             f"task.ckpt={tiny_runs.ldm_ckpt}", "task.progress=false", "sampling.steps=2", "eval.resolution=16",
-            "eval.num_samples=7", f"eval.feature_weights={shapes_feature_weights}"]
+            "eval.num_samples=7", "eval.held_out_samples=0", f"eval.feature_weights={shapes_feature_weights}"]
 
 
 def launch(tiny_runs, name: str, shapes_feature_weights, ranks: int) -> subprocess.CompletedProcess:

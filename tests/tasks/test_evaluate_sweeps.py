@@ -19,7 +19,7 @@ def test_sampler_and_guidance_sweeps_write_tables_and_plots(tiny_runs, shapes_fe
     from ldm.tasks import evaluate
 
     base = [*(o for o in tiny_runs.ldm_overrides if not o.startswith("name=")), "name=eval_sweeps", "task=evaluate",
-            f"task.ckpt={tiny_runs.ldm_ckpt}", "task.progress=false", "eval.resolution=16", "eval.num_samples=4",
+            f"task.ckpt={tiny_runs.ldm_ckpt}", "task.progress=false", "eval.resolution=16", "eval.num_samples=4", "eval.held_out_samples=0",
             f"eval.feature_weights={shapes_feature_weights}", "sampling.guidance_scale=3"]
     eval_dir = tiny_runs.root / "experiments" / "eval_sweeps" / "eval"
     with restored_environ():
