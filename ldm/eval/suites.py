@@ -33,8 +33,10 @@ class Interleaved(Dataset):
 
     def __init__(self, seen: Dataset, held_out: Dataset):
         n, k = len(seen) + len(held_out), len(held_out)
-        self.order = [(True, i * k // n) if (i + 1) * k // n > i * k // n else (False, i - (i + 1) * k // n)
-                      for i in range(n)]
+        self.order = []  # (held out?, index in its set) per position
+        for i in range(n):
+            before = i * k // n  # held-out prompts placed before position i
+            self.order.append((True, before) if (i + 1) * k // n > before else (False, i - before))
         self.seen, self.held_out = seen, held_out
 
     def __len__(self) -> int:
@@ -90,14 +92,18 @@ class ShapesSuite:
         """Scores images generated for the first len(images) prompts (all of them for task=evaluate)."""
         real, ref, net = self._load()
         targets = {k: v[: len(images)] for k, v in real["attrs"].items()}
-        out = {f"acc_{k}": v for k, v in attribute_accuracy(images, targets).items()}
         held = real["held_out"][: len(images)]
-        if held.any():
-            for split, rows in (("seen", ~held), ("held_out", held)):
-                if rows.any():
-                    acc = attribute_accuracy(images[rows], {k: v[rows] for k, v in targets.items()})
-                    out.update({f"{split}_acc_{k}": v for k, v in acc.items()})
-        return {**out, "fid_shapes": _fid(net, images, ref["image"])}
+        if not held.any():
+            out = {f"acc_{k}": v for k, v in attribute_accuracy(images, targets).items()}
+            return {**out, "fid_shapes": _fid(net, images, ref["image"])}
+        out, total = {}, {}
+        for split, rows in (("seen", ~held), ("held_out", held)):
+            if rows.any():  # each image measured once; the totals are the splits' image-weighted means
+                acc = attribute_accuracy(images[rows], {k: v[rows] for k, v in targets.items()})
+                out.update({f"{split}_acc_{k}": v for k, v in acc.items()})
+                for k, v in acc.items():
+                    total[k] = total.get(k, 0.0) + v * int(rows.sum()) / len(images)
+        return {**{f"acc_{k}": v for k, v in total.items()}, **out, "fid_shapes": _fid(net, images, ref["image"])}
 
     def floor(self) -> dict[str, float]:
         """The same metrics for real images of the prompts: what a perfect model would score."""

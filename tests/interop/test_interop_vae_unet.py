@@ -179,17 +179,23 @@ def test_vae_config_rejects_group_counts_our_norm_cannot_express():
         vae_to_diffusers_config({"ch": 128, "ch_mult": [1], "z_channels": 4, "embed_dim": 8}, 0.18215)
 
 
+def _assert_bad_tensors_listed(theirs, imported, keymap, what: str, unknown: str, missing: str, misshaped: tuple):
+    """A state with an unknown, a missing and a mis-shaped tensor: the import's one error names all three."""
+    cfg, ours = imported
+    state = dict(theirs.state_dict())
+    state[unknown] = torch.zeros(1)
+    del state[missing]
+    state[misshaped[0]] = torch.zeros(misshaped[1])
+    with pytest.raises(ConfigError) as err:
+        to_ours(state, keymap(cfg, "diffusers"), _shapes(ours), what=what)
+    for name in (unknown, missing, misshaped[0]):
+        assert name in str(err.value)
+
+
 def test_vae_bad_tensors_are_listed():
     theirs = _diffusers_vae("plain")
-    cfg, ours = _import_vae(theirs)
-    state = dict(theirs.state_dict())
-    state["encoder.extra.weight"] = torch.zeros(1)
-    del state["decoder.conv_out.bias"]
-    state["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
-    with pytest.raises(ConfigError) as err:
-        to_ours(state, vae_keymap(cfg, "diffusers"), _shapes(ours), what="vae")
-    for name in ("encoder.extra.weight", "decoder.conv_out.bias", "quant_conv.weight"):
-        assert name in str(err.value)
+    _assert_bad_tensors_listed(theirs, _import_vae(theirs), vae_keymap, "vae", "encoder.extra.weight",
+                               "decoder.conv_out.bias", ("quant_conv.weight", (8, 8, 3, 3)))
 
 
 # --- UNet --------------------------------------------------------------------------------------------------------
@@ -324,16 +330,9 @@ def test_unet_export_and_single_file_errors():
 
 def test_unet_bad_tensors_are_listed():
     theirs = _diffusers_unet("sd1")
-    cfg, ours = _import_unet(theirs)
-    state = dict(theirs.state_dict())
-    state["add_embedding.linear_1.weight"] = torch.zeros(1)
-    del state["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
-    state["conv_in.weight"] = torch.zeros(32, 4, 1, 1)
-    with pytest.raises(ConfigError) as err:
-        to_ours(state, unet_keymap(cfg, "diffusers"), _shapes(ours), what="unet")
-    for name in ("add_embedding.linear_1.weight", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
-                 "conv_in.weight"):
-        assert name in str(err.value)
+    _assert_bad_tensors_listed(theirs, _import_unet(theirs), unet_keymap, "unet", "add_embedding.linear_1.weight",
+                               "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                               ("conv_in.weight", (32, 4, 1, 1)))
 
 
 # --- SD's x4 upscaler: 4 latent + 3 low-res image inputs, a noise-level table, cross-attention-only levels -------
