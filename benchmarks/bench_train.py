@@ -33,12 +33,16 @@ from ldm.models.first_stage import first_stage_hash
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # backbone name -> overrides of +experiment=shapes_txt2img
+DIT = ["model/backbone=dit_s", "model.backbone.hidden_size=192", "model.backbone.depth=6", "model.backbone.num_heads=3"]
+BPE = ["model.conditioner.vocabulary=null"]  # the text encoder's full 49,408-row token table
 BACKBONES = {
-    "unet": [],                                                       # unet_tiny, as shapes_txt2img trains it
-    "dit": ["model/backbone=dit_s", "model.backbone.hidden_size=192", "model.backbone.depth=6",
-            "model.backbone.num_heads=3"],                            # as shapes_txt2img_dit
-    "dit_s": ["model/backbone=dit_s"],                                # DiT-S/2, 33M parameters
+    "unet": [],                 # unet_tiny, as shapes_txt2img trains it
+    "unet_bpe": BPE,            # the demo's model when issue 18 was filed: the step "before"
+    "dit": DIT,                 # as shapes_txt2img_dit: `make demo`'s model, the step "after"
+    "dit_bpe": DIT + BPE,
+    "dit_s": ["model/backbone=dit_s"],  # DiT-S/2, 33M parameters
 }
+BEFORE, AFTER = "unet_bpe", "dit"
 
 
 @dataclass
@@ -132,7 +136,7 @@ def train_rate(row: Row, model_cfg, first_stage, loaders: dict, latent_shape, ar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=None, choices=sorted(BACKBONES),
-                        help="default: unet dit on CPU, unet dit dit_s on a GPU")
+                        help=f"default: {BEFORE} {AFTER} on CPU, unet dit dit_s on a GPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 256 on a GPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 5 CPU, 50 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 CPU, 5 GPU)")
@@ -140,10 +144,11 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (unlisted GPUs)")
     parser.add_argument("--rows", choices=["all", "fp32", "bf16"], default="all", help="precisions to run")
+    parser.add_argument("--compile", action="store_true", help="on a CPU, add torch.compile rows (GPUs always have)")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    args.backbones = args.backbones or (["unet", "dit", "dit_s"] if gpu else ["unet", "dit"])
+    args.backbones = args.backbones or (["unet", "dit", "dit_s"] if gpu else [BEFORE, AFTER])
     args.batch_size = args.batch_size or (256 if gpu else 16)
     args.steps = args.steps or (50 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
@@ -156,6 +161,8 @@ def main() -> None:
     if gpu and "bf16-mixed" in precisions:
         rows += [Row(b, "cached", "bf16-mixed", compile=True) for b in args.backbones]
         rows += [Row(b, "cached", "bf16-mixed", sdpa="math") for b in args.backbones]
+    elif args.compile:
+        rows += [Row(b, "cached", p, compile=True) for b in args.backbones for p in precisions]
 
     with tempfile.TemporaryDirectory() as tmp:
         images = args.batch_size * (args.warmup + args.steps + 1)  # one epoch covers a row: no epoch-boundary stall
@@ -197,7 +204,12 @@ def main() -> None:
     for backbone in args.backbones:
         for precision in precisions:
             ratio = by_key[(backbone, "on-the-fly", precision)] / by_key[(backbone, "cached", precision)]
-            print(f"  {backbone:<6} {precision:<10} {ratio:.2f}x")
+            print(f"  {backbone:<8} {precision:<10} {ratio:.2f}x")
+    if {BEFORE, AFTER} <= set(args.backbones):
+        print(f"\ndemo training step, {AFTER} (make demo now) / {BEFORE} (before), steps/s:")
+        for precision in precisions:
+            ratio = by_key[(AFTER, "cached", precision)] / by_key[(BEFORE, "cached", precision)]
+            print(f"  {precision:<10} {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Every experiment composes; small ones build; the SD-sized first stage runs forward/backward."""
 import subprocess
 import sys
+from itertools import product
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ldm.data.shapes import VOCABULARIES, ShapeObject
 from conftest import EXPERIMENTS, ROOT, compose_experiment
 
 
@@ -56,6 +58,20 @@ def test_latent_diffusion_experiments_build_and_denoise(name):
     prompts, labels = (None, [3, 7]) if name == "digits_class2img" else (["a small red circle in the center"] * 2, None)
     z = module.sample(module.sample_batch(prompts, labels), [0, 1], decode=False, steps=2)
     assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("name, num_objects", [("shapes_txt2img", 1), ("shapes_txt2img_dit", 1),
+                                               ("shapes_txt2img_two", 2)])
+def test_shapes_captions_fit_the_text_encoder_whole(name, num_objects):
+    """Every caption of the experiment's scenes is in the vocabulary and fits the context untruncated (a truncated
+    second object loses its position words)."""
+    conditioner = instantiate(compose_experiment(name).model.conditioner)
+    phrases = [ShapeObject(c, s, z, p, 0.3, 0.5, 0.5).phrase()
+               for c, s, z, p in product(*(range(len(v)) for v in VOCABULARIES.values()))]
+    longest = max(phrases, key=lambda phrase: len(conditioner.tokenizer.encode(phrase)))
+    caption = " and ".join([longest] * num_objects)
+    assert len(conditioner.tokenizer.encode(caption)) + 2 <= conditioner.positional_embedding.shape[0]  # start, end
+    assert conditioner.encode({"caption": phrases + [caption]})["context"].shape[0] == len(phrases) + 1
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])

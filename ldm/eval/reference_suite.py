@@ -196,9 +196,12 @@ class ReferenceSuite:
             out["fd_dinov2"] = self._fid(dino, self.reference_stats(self.dinov2))
         return out
 
-    def floor(self) -> dict[str, float]:
+    def floor(self, transform=None) -> dict[str, float]:
         """FID, KID and precision/recall between two disjoint random halves of the reference set, n images each
-        (n = min(num_samples, half the set)): what a model that draws real images scores at that n."""
+        (n = min(num_samples, half the set)): what a model that draws real images scores at that n. With a
+        `transform`, {}: the reference set is kept as features, so there are no images to transform."""
+        if transform is not None:
+            return {}
         ref = self.reference_stats()
         n = min(len(self.prompts), ref.n // 2)
         if n <= self.pr_k:

@@ -2,6 +2,7 @@
 
 A suite is configured per experiment (`eval:`) and used by task=evaluate and the eval-during-training callback.
 """
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +26,13 @@ def _stack(dataset) -> dict:
         "attrs": {k: torch.stack([it["attrs"][k] for it in items]) for k in items[0].get("attrs", {})},
         "held_out": torch.tensor([it.get("held_out", False) for it in items]),
     }
+
+
+Transform = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] in [-1, 1] -> the same
+
+
+def _apply(transform: Transform | None, images: torch.Tensor) -> torch.Tensor:
+    return images if transform is None else transform(images)
 
 
 class Interleaved(Dataset):
@@ -105,10 +113,11 @@ class ShapesSuite:
                     total[k] = total.get(k, 0.0) + v * int(rows.sum()) / len(images)
         return {**{f"acc_{k}": v for k, v in total.items()}, **out, "fid_shapes": _fid(net, images, ref["image"])}
 
-    def floor(self) -> dict[str, float]:
-        """The same metrics for real images of the prompts: what a perfect model would score."""
+    def floor(self, transform: Transform | None = None) -> dict[str, float]:
+        """The same metrics for real images of the prompts: what a perfect model would score; with `transform` (e.g.
+        a first stage's round trip), for those images transformed."""
         real, _, _ = self._load()
-        return self.score(real["image"])
+        return self.score(_apply(transform, real["image"]))
 
     def protocol(self) -> dict[str, str]:
         """What decides these numbers besides the samples: recorded with every result row."""
@@ -153,7 +162,7 @@ class DigitsSuite:
         """What decides these numbers besides the samples: recorded with every result row."""
         return dict(feature_extractor=f"digits-smallcnn-{weights_hash(self._classifier())}", resize="box-32")
 
-    def floor(self) -> dict[str, float]:
-        """Held-out real digits (never seen by the classifier) scored like samples."""
+    def floor(self, transform: Transform | None = None) -> dict[str, float]:
+        """Held-out real digits (never seen by the classifier) scored like samples, after `transform` if given."""
         real = _stack(self.real)
-        return self.score(real["image"], real["label"])
+        return self.score(_apply(transform, real["image"]), real["label"])

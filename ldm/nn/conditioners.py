@@ -103,9 +103,30 @@ class ClassConditioner(Conditioner):
         return self._embed(torch.full((batch_size,), self.embedding.null_index, dtype=torch.long, device=device))
 
 
+def vocabulary_rows(tokenizer: SimpleTokenizer, vocabulary: list[str] | None) -> Tensor:
+    """Token table row of every BPE id, LongTensor [49408]: the identity without a vocabulary; else the start, end and
+    padding tokens and the words' tokens numbered in id order, -1 elsewhere."""
+    size = len(tokenizer.encoder)
+    if vocabulary is None:
+        return torch.arange(size)
+    if isinstance(vocabulary, str) or not vocabulary or not all(isinstance(w, str) and w.strip() for w in vocabulary):
+        raise ValueError(f"model.conditioner.vocabulary must be null or a list of words, got {vocabulary!r}")
+    kept = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}  # 0 pads every caption
+    kept.update(token for word in vocabulary for token in tokenizer.encode(word))
+    rows = torch.full((size,), -1, dtype=torch.long)
+    ids = torch.tensor(sorted(kept))
+    rows[ids] = torch.arange(len(ids))
+    return rows
+
+
 class TextTransformerConditioner(Conditioner):
     """Text encoder trained jointly with the diffusion model (LDM text-to-image, Rombach et al. 2022, Sec. 4.3):
-    CLIP BPE tokens -> causal transformer -> tokens [B, context_length, width]; y = EOT token if pooled."""
+    CLIP BPE tokens -> causal transformer -> tokens [B, context_length, width]; y = EOT token if pooled.
+
+    `vocabulary` (words) keeps only their BPE tokens' rows of the token table: a closed grammar such as the built-in
+    shapes' 20 words needs 23 rows, not 49,408 (most of a small model's parameters and optimizer work); a caption
+    with any other token is refused.
+    """
 
     def __init__(
         self,
@@ -114,10 +135,14 @@ class TextTransformerConditioner(Conditioner):
         heads: int = 8,
         context_length: int = 77,
         pooled: bool = False,
+        vocabulary: list[str] | None = None,
     ):
         super().__init__()
         self.tokenizer = SimpleTokenizer(context_length=context_length)
-        self.token_embedding = nn.Embedding(len(self.tokenizer.encoder), width)
+        # rows[bpe id] = row of the token table, -1 for tokens outside `vocabulary` (all 49,408 rows when None); kept
+        # on the CPU with the tokenizer, so unknown words are found without a device sync
+        self.rows = vocabulary_rows(self.tokenizer, vocabulary)
+        self.token_embedding = nn.Embedding(int(self.rows.max()) + 1, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
@@ -131,13 +156,18 @@ class TextTransformerConditioner(Conditioner):
         self.y_dim = width if pooled else None
 
     def _encode_captions(self, captions: list[str]) -> Cond:
-        tokens = self.tokenizer(captions).to(self.token_embedding.weight.device)  # [B, L]
-        x = self.token_embedding(tokens) + self.positional_embedding
+        tokens = self.tokenizer(captions)  # [B, L] BPE ids, on the CPU
+        rows = self.rows[tokens]
+        if bool((rows < 0).any()):
+            unknown = sorted({self.tokenizer.decode([int(t)]).strip() for t in tokens[rows < 0]})
+            raise ValueError(f"caption words outside model.conditioner.vocabulary: {unknown}")
+        rows = rows.to(self.token_embedding.weight.device)
+        x = self.token_embedding(rows) + self.positional_embedding
         for block in self.blocks:
             x = block(x, mask=self.causal_mask)
         x = self.ln_final(x)  # [B, L, width]
-        # The end-of-text token has the largest id, so argmax finds it in every row.
-        y = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] if self.pooled else None
+        # The end-of-text token has the largest id and so the largest row: argmax finds it in every caption.
+        y = x[torch.arange(x.shape[0], device=x.device), rows.argmax(dim=-1)] if self.pooled else None
         return {"context": x, "y": y}
 
     def encode(self, batch: dict) -> Cond:

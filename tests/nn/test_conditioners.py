@@ -172,3 +172,25 @@ def test_openclip_config_targets_sd2_text_encoder():
     cfg = OmegaConf.load(CONDITIONER_CONFIGS / "text_openclip.yaml")
     assert cfg.model_name == "ViT-H-14" and cfg.layer == "penultimate"
     assert open_clip.get_pretrained_cfg(cfg.model_name, cfg.pretrained)  # a real open_clip tag
+
+
+def test_joint_text_encoder_vocabulary_keeps_only_its_rows_and_same_maths():
+    """A vocabulary maps the same captions to a 7-row table (4 words + start, end, padding); with those rows copied
+    from the full table the encoder is the same function, and other words are refused in one line."""
+    torch.manual_seed(0)
+    full = TextTransformerConditioner(width=32, layers=1, heads=2, context_length=8, pooled=True)
+    small = TextTransformerConditioner(width=32, layers=1, heads=2, context_length=8, pooled=True,
+                                       vocabulary=["a", "red", "blue", "square"])
+    assert small.token_embedding.num_embeddings == 7 and full.token_embedding.num_embeddings == 49408
+    kept = (small.rows >= 0).nonzero().squeeze(1)
+    assert kept.tolist() == sorted(kept.tolist()) and small.rows[kept].tolist() == list(range(7))
+    state = full.state_dict()
+    state["token_embedding.weight"] = state["token_embedding.weight"][kept]
+    small.load_state_dict(state)
+    captions = ["a red square", "a blue square", ""]
+    for key, value in small.encode({"caption": captions}).items():
+        torch.testing.assert_close(value, full.encode({"caption": captions})[key])
+    with pytest.raises(ValueError, match=r"outside model.conditioner.vocabulary: \['circle', 'green'\]"):
+        small.encode({"caption": ["a green circle", "a red square"]})
+    with pytest.raises(ValueError, match="list of words"):
+        TextTransformerConditioner(width=32, layers=1, heads=2, vocabulary="a red square")

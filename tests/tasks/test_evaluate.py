@@ -27,6 +27,10 @@ def test_shapes_suite_floor_is_perfect_and_a_prefix_is_scored_against_its_prompt
     assert swapped["acc_color"] < 0.8 and swapped["acc_shape"] == 1.0
     shifted = suite.score(real[:, :, :, list(range(8, 32)) + list(range(8))])  # objects moved 8 px left
     assert shifted["acc_position"] < 0.8
+    # the floor after a transform (task=evaluate's first-stage column): a 2x2 box down-and-up blurs small shapes
+    assert suite.floor(lambda x: x) == floor
+    coarse = suite.floor(lambda x: torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2))
+    assert coarse["acc_shape"] < 0.95 and coarse["acc_size"] == 1.0
 
 
 @pytest.mark.slow
@@ -71,6 +75,11 @@ def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_f
     assert (eval_dir / "metrics-euler-2-default-g3-ema-n8.png").stat().st_size > 0
     [floor] = eval_dir.glob("floor-shapes-*.json")  # one per suite protocol (here: the feature network's weights)
     assert json.loads(floor.read_text())["acc_color"] == 1.0
+    # the real images through the last checkpoint's first stage: the same metrics, named by that checkpoint
+    [first_stage] = eval_dir.glob(f"floor-first-stage-shapes-*-{sha256_path(rows[-1]['ckpt'])[:16]}.json")
+    first_stage = json.loads(first_stage.read_text())
+    assert first_stage.keys() == json.loads(floor.read_text()).keys()
+    assert all(0 <= v <= 1 for k, v in first_stage.items() if "acc_" in k) and first_stage["fid_shapes"] > 0
 
     # a second evaluation reuses the stored samples: no checkpoint is loaded, the numbers are the same
     monkeypatch.setattr(evaluate, "load_module", lambda *a, **k: pytest.fail("samples were regenerated"))
