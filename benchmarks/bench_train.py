@@ -40,6 +40,7 @@ BACKBONES = {
     "unet_bpe": BPE,            # the demo's model when issue 18 was filed: the step "before"
     "dit": DIT,                 # as shapes_txt2img_dit: `make demo`'s model, the step "after"
     "dit_bpe": DIT + BPE,
+    "dit_128": [*DIT, "model.backbone.hidden_size=128", "model.backbone.num_heads=2"],  # a narrower DiT
     "dit_s": ["model/backbone=dit_s"],  # DiT-S/2, 33M parameters
 }
 BEFORE, AFTER = "unet_bpe", "dit"

@@ -1,5 +1,6 @@
 """The frozen first stage for latent caching and diffusion: rebuilt from an autoencoder checkpoint alone."""
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,10 @@ from omegaconf import OmegaConf
 from ldm.models.autoencoder import AutoencoderModule
 from ldm.utils.checkpoint import FIRST_STAGE_CONFIG_KEY, checkpoint_config, read_checkpoint
 from ldm.utils.errors import ConfigError, missing_file
+from ldm.utils.images import from_uint8, to_uint8
 from ldm.utils.safe_config import safe_instantiate, stored_config
 
-__all__ = ["FIRST_STAGE_CONFIG_KEY", "first_stage_hash", "load_first_stage", "load_first_stage_with_config"]
+__all__ = ["FIRST_STAGE_CONFIG_KEY", "first_stage_hash", "load_first_stage", "load_first_stage_with_config", "round_trip"]
 
 LOSS_ONLY = ("lpips", "discriminator")  # training-loss parts: not needed to encode or decode
 
@@ -46,6 +48,19 @@ def load_first_stage_with_config(ckpt_path: str | Path) -> tuple[AutoencoderModu
 def load_first_stage(ckpt_path: str | Path) -> AutoencoderModule:
     """The frozen, eval-mode first stage stored in an autoencoder checkpoint (EMA weights kept inside)."""
     return load_first_stage_with_config(ckpt_path)[0]
+
+
+def round_trip(first_stage: AutoencoderModule, batch_size: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images [N, 3, H, W] in [-1, 1] (CPU) -> encoded to the posterior mean, decoded and rounded to 8 bits as samples
+    are stored: what the first stage keeps of an image, so a suite scoring it gives a latent model's ceiling."""
+    device = next(first_stage.parameters()).device
+
+    @torch.no_grad()
+    def transform(images: torch.Tensor) -> torch.Tensor:
+        parts = [first_stage.decode(first_stage.encode(x.to(device)).mean).cpu() for x in images.split(batch_size)]
+        return from_uint8(to_uint8(torch.cat(parts)))
+
+    return transform
 
 
 def first_stage_hash(net: torch.nn.Module) -> str:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ldm.eval.sweeps import curves, guidance_table, nfe_table, sweep_grid
+from ldm.models.first_stage import round_trip
 from ldm.models.generate import Job, render
 from ldm.models.sampling import Sampling, conditions
 from ldm.utils.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -154,16 +155,9 @@ def first_stage_floor(suite, load: "LazyModule", path: Path) -> dict[str, float]
     if path.is_file():
         return json.loads(path.read_text())
     module, _ = load()
-    first_stage, device = module.first_stage, module.device
-    if first_stage is None:
+    if module.first_stage is None:
         return {}
-
-    @torch.no_grad()
-    def round_trip(images: torch.Tensor) -> torch.Tensor:
-        parts = [first_stage.decode(first_stage.encode(x.to(device)).mean).cpu() for x in images.split(64)]
-        return from_uint8(to_uint8(torch.cat(parts)))
-
-    floor = suite.floor(round_trip)
+    floor = suite.floor(round_trip(module.first_stage))
     atomic_write_json(path, floor)
     return floor
 

@@ -90,6 +90,27 @@ def test_eval_during_training_then_evaluate_every_checkpoint(tiny_runs, shapes_f
     assert torch.isfinite(torch.tensor([r["fid_shapes"] for r in again])).all()
 
 
+def test_first_stage_floor_script_scores_real_images_through_each_autoencoder(tiny_runs, shapes_feature_weights,
+                                                                             tmp_path):
+    import subprocess
+    import sys
+
+    ae = tiny_runs.root / "experiments" / "ae" / "checkpoints" / "last.ckpt"  # 4 steps: it keeps little of an image
+    out = tmp_path / "floors.json"
+    script = Path(__file__).parents[2] / "scripts" / "first_stage_floor.py"
+    done = subprocess.run([sys.executable, str(script), "shapes_txt2img", str(ae), str(tiny_runs.ldm_ckpt),
+                           "--json", str(out), "--set", "eval.resolution=16", "eval.num_samples=12",
+                           "eval.held_out_samples=4", f"eval.feature_weights={shapes_feature_weights}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    floors = json.loads(out.read_text())
+    assert list(floors) == [str(ae), str(tiny_runs.ldm_ckpt), "real images"] and "first stage" in done.stdout
+    assert floors["real images"]["held_out_acc_color"] == 1.0 and floors["real images"]["acc_shape"] == 1.0
+    # the diffusion checkpoint carries the same first stage: the same numbers; an untrained one loses the shapes
+    assert floors[str(ae)] == floors[str(tiny_runs.ldm_ckpt)]
+    assert floors[str(ae)]["acc_binding"] < 0.5 and floors[str(ae)]["fid_shapes"] > floors["real images"]["fid_shapes"]
+
+
 @pytest.mark.slow
 def test_evaluate_against_a_reference_folder_writes_metrics_and_protocol(tiny_runs, inception_weights_file, tiny_clip,
                                                                        tmp_path):
