@@ -37,7 +37,7 @@ def main() -> None:
     table = Table(title=f"{suite.name} suite after the first stage")
     table.add_column("metric")
     for name in floors:
-        table.add_column(Path(name).name, justify="right")
+        table.add_column(name, justify="right")
     for metric in floors["real images"]:
         table.add_row(metric, *(f"{f[metric]:.4f}" for f in floors.values()))
     Console(width=200).print(table)

@@ -160,7 +160,8 @@ class TextTransformerConditioner(Conditioner):
         rows = self.rows[tokens]
         if bool((rows < 0).any()):
             unknown = sorted({self.tokenizer.decode([int(t)]).strip() for t in tokens[rows < 0]})
-            raise ValueError(f"caption words outside model.conditioner.vocabulary: {unknown}")
+            raise ValueError(f"caption words outside model.conditioner.vocabulary: {unknown} (add them, or set "
+                             f"model.conditioner.vocabulary=null for all 49,408 tokens; a new table, so a new run)")
         rows = rows.to(self.token_embedding.weight.device)
         x = self.token_embedding(rows) + self.positional_embedding
         for block in self.blocks:

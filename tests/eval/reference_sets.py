@@ -34,6 +34,8 @@ def write_folder(images: torch.Tensor, folder: Path) -> Path:
     return folder
 
 
-def write_prompts(path: Path, n: int) -> Path:
-    path.write_text("".join(f"a small red circle number {i}\n" for i in range(n)), encoding="utf-8")
+def write_prompts(path: Path, n: int, seed: int = 1) -> Path:
+    """The captions of n shapes scenes, one per line (words a shapes model's vocabulary holds)."""
+    data = ShapesDataset(size=n, seed=seed)
+    path.write_text("".join(data[i]["caption"] + "\n" for i in range(n)), encoding="utf-8")
     return path

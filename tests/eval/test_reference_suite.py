@@ -71,7 +71,7 @@ def test_prompts_file_errors_are_one_line_and_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval.prompts_file"):
         read_prompts(tmp_path / "missing.txt", 2)
     path = write_prompts(tmp_path / "p.txt", 3)
-    assert read_prompts(path, 2) == ["a small red circle number 0", "a small red circle number 1"]
+    assert read_prompts(path, 2) == path.read_text().splitlines()[:2]
     with pytest.raises(ConfigError, match="fewer than eval.num_samples=4"):
         read_prompts(path, 4)
     path.write_text("a cat\n\na dog\n")

@@ -33,7 +33,7 @@ from ldm.utils.consolidate import SHARDED_META, is_sharded_checkpoint
 from ldm.utils.safe_config import safe_instantiate
 
 STEPS = 2
-CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white star"]
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 SAMPLE = dict(sampler="ddim", eta=1.0, steps=3, guidance_scale=2.0)  # per-step noise and CFG: every part counts
 
 

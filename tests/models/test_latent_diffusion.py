@@ -41,7 +41,7 @@ class PrototypeLatents(Dataset):
         g = torch.Generator().manual_seed(0)
         self.prototypes = torch.randn(4, *LATENT_SHAPE, generator=g)
         self.noise = 0.1 * torch.randn(size, *LATENT_SHAPE, generator=g)
-        self.words = ["red circle", "blue square", "green triangle", "white star"]
+        self.words = ["red circle", "blue square", "green triangle", "white circle"]
 
     def __len__(self) -> int:
         return len(self.noise)

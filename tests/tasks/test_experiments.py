@@ -18,11 +18,12 @@ from ldm.data.shapes import ShapesDataset
 # what each experiment documents (its header and the README's table): the tasks this test runs
 TASKS = {
     "shapes_autoencoder": ("fit", "cache_latents"),
+    "shapes_autoencoder_two": ("fit", "cache_latents"),
     "digits_autoencoder": ("fit", "cache_latents"),
     "autoencoder_kl_f8": ("fit", "cache_latents"),
     "shapes_txt2img": ("fit", "sample", "evaluate"),
     "shapes_txt2img_dit": ("fit", "sample", "evaluate"),
-    "shapes_txt2img_two": ("fit", "sample", "evaluate"),  # on the two-object cache its header makes
+    "shapes_txt2img_two": ("fit", "sample", "evaluate"),  # on shapes_autoencoder_two's two-object cache
     "digits_class2img": ("fit", "sample", "evaluate"),
     "txt2img": ("fit", "sample", "evaluate"),
     "shapes_inpaint": ("fit", "sample"),  # sample: task.images + task.masks; numbers: scripts/image_tasks.py
