@@ -124,7 +124,7 @@ class TextTransformerConditioner(Conditioner):
     CLIP BPE tokens -> causal transformer -> tokens [B, context_length, width]; y = EOT token if pooled.
 
     `vocabulary` (words) keeps only their BPE tokens' rows of the token table: a closed grammar such as the built-in
-    shapes' 20 words needs 23 rows, not 49,408 (most of a small model's parameters and optimizer work); a caption
+    shapes' 20 words needs 23 rows, not 49,408 (most of a small model's parameters); a caption
     with any other token is refused.
     """
 
