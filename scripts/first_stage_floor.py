@@ -12,11 +12,15 @@ import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
 
 from ldm.models.first_stage import load_first_stage, round_trip
 from ldm.utils.atomic import atomic_write_json
+from ldm.utils.cli import one_line
+from ldm.utils.errors import ConfigError
 from ldm.utils.safe_config import safe_instantiate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -29,10 +33,14 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the metrics to this file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.seed=3")
     args = parser.parse_args()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={args.experiment}", *args.set])
-    suite = safe_instantiate(cfg.eval, stored=False, where="eval")
-    floors = {ckpt: suite.floor(round_trip(load_first_stage(ckpt))) for ckpt in args.ckpts}
+    try:  # a misspelt experiment or key, a missing checkpoint: one line, not a traceback
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={args.experiment}", *args.set])
+        suite = safe_instantiate(cfg.eval, stored=False, where="eval")
+        first_stages = {ckpt: load_first_stage(ckpt) for ckpt in args.ckpts}
+    except (HydraException, OmegaConfBaseException, ConfigError, FileNotFoundError) as error:
+        raise SystemExit(f"first_stage_floor.py: {one_line(str(error))}") from None
+    floors = {ckpt: suite.floor(round_trip(first_stage)) for ckpt, first_stage in first_stages.items()}
     floors["real images"] = suite.floor()
     table = Table(title=f"{suite.name} suite after the first stage")
     table.add_column("metric")

@@ -109,6 +109,9 @@ def test_first_stage_floor_script_scores_real_images_through_each_autoencoder(ti
     # the diffusion checkpoint carries the same first stage: the same numbers; an untrained one loses the shapes
     assert floors[str(ae)] == floors[str(tiny_runs.ldm_ckpt)]
     assert floors[str(ae)]["acc_binding"] < 0.5 and floors[str(ae)]["fid_shapes"] > floors["real images"]["fid_shapes"]
+    typo = subprocess.run([sys.executable, str(script), "shapes_txt2img_dti", str(ae)], capture_output=True, text=True,
+                          timeout=120)
+    assert typo.returncode != 0 and "shapes_txt2img_dti" in typo.stderr and "Traceback" not in typo.stderr
 
 
 @pytest.mark.slow
