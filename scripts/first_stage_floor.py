@@ -8,7 +8,6 @@ No latent model trained on that first stage scores above its column (`task=evalu
 checkpoint it evaluates). Prints one table; `--json FILE` also writes {checkpoint: metrics, "real images": metrics}.
 """
 import argparse
-import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
